@@ -1,0 +1,1 @@
+//! The lease protocol state machine (written next).

@@ -1,0 +1,10 @@
+//! The pure core: lease protocol, records and parameters.
+//!
+//! Nothing in here performs I/O, reads a clock, sleeps or spawns. Every function
+//! takes the current time and the observations as arguments, so the simulation
+//! in `tests/sim.rs` can drive many nodes over one simulated disk
+//! deterministically.
+
+pub mod lease;
+pub mod params;
+pub mod record;

@@ -1,0 +1,1 @@
+//! Block I/O and the lease area on a device.

@@ -1,0 +1,25 @@
+//! blockfence: at most one writer per shared block volume.
+//!
+//! Map of the crate (pure core first, thin shell around it):
+//!
+//! - [`core`]: pure state machines and encodings. No I/O, no clock reads: time
+//!   and observations are inputs, actions are outputs.
+//!   - [`core::params`]: the recorded timing parameters and every timeout
+//!     derived from them.
+//!   - [`core::record`]: the on-disk records (header, owner, slots), versions,
+//!     checksums.
+//!   - [`core::lease`]: the lease protocol, `step(now, input) -> actions`.
+//! - [`disk`]: O_DIRECT block I/O with deadlines, sector sizes, the lease area
+//!   on a device (locate, format, grow), and the driver that runs the lease
+//!   machine against a device.
+//! - [`ext4`]: superblock and MMP parsing, MMP checks, marking MMP clean, the
+//!   shutdown ioctl.
+//! - [`cli`]: the `blockfence` subcommands.
+//!
+//! See ARCHITECTURE.md for how the parts fit and docs/PROTOCOL.md for the lease
+//! protocol and its safety argument.
+
+pub mod cli;
+pub mod core;
+pub mod disk;
+pub mod ext4;
