@@ -1,1 +1,1048 @@
-//! The lease protocol state machine (written next).
+//! The lease protocol, as a pure state machine: `step(now, input) -> actions`.
+//!
+//! One [`LeaseMachine`] per node and volume. It never performs I/O or reads a
+//! clock: the runtime (or the simulation) hands it the time of its own monotonic
+//! clock and the results of the reads and writes it asked for, and carries out
+//! the [`Action`]s it returns. docs/PROTOCOL.md is the specification; this is
+//! the implementation, in the same words.
+//!
+//! In short (block numbers are relative to the area):
+//! - every node owns one *slot* (block `FIRST_SLOT_BLOCK + i`) and is the only
+//!   one that writes it; a node takes a free slot once ("join") and waits
+//!   `host_dead_ceiling` with the slot unchanged before it uses it;
+//! - to acquire, a node reads all slots; it may claim only if no other slot is
+//!   in `Claim` or `Hold` (or unreadable) unless that slot has been seen
+//!   unchanged for the `host_dead` of *that slot's* parameters, timed on this
+//!   node's clock; it then writes `Claim(gen)` to its own slot, and when that
+//!   write has completed, reads all slots again: any other live `Claim`/`Hold`
+//!   means conflict, and it withdraws (writes `Idle`) and backs off; otherwise
+//!   it writes the owner record and holds the lease;
+//! - the holder renews by rewriting its own slot every `renew_interval`; it may
+//!   write the volume until `lease_timeout` after the *start* of its last
+//!   renewal that completed within `io_timeout`, then it is [`Event::Lost`] and
+//!   must be fenced within `fence_timeout`;
+//! - release writes `Released` to the slot (then the owner record); a waiting
+//!   peer takes over at its next read, with no wait.
+//!
+//! Invariants kept here (checked by the simulation after every step):
+//! - at most one node holds the lease at any real time, counting each holder's
+//!   fence window;
+//! - granted generations strictly grow;
+//! - nothing compares clocks of different nodes: only durations on this node's
+//!   own clock, between its own reads, are used.
+//!
+//! At most one I/O is outstanding at a time: a node's own writes are never
+//! reordered, and an I/O that has passed its deadline stays outstanding until it
+//! completes (the runtime cannot cancel it).
+
+use crate::core::params::Params;
+use crate::core::record::{Block, Decoded, Owner, OwnerState, Slot, SlotState, BLOCK};
+
+/// A point on the node's own monotonic clock, in milliseconds.
+pub type Millis = u64;
+
+/// Area block of the owner record.
+pub const OWNER_BLOCK: u64 = 1;
+/// Area block of slot 0.
+pub const FIRST_SLOT_BLOCK: u64 = 2;
+
+/// What the machine needs to know about the area (from its header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// Number of slots in the area.
+    pub max_slots: u16,
+    /// The longest `host_dead` any node may use here; the join wait.
+    pub host_dead_ceiling_ms: u64,
+}
+
+/// Who this node is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Node name; unique among the nodes sharing the volume.
+    pub name: String,
+    /// Random, chosen at every process start.
+    pub nonce: u64,
+    /// This node's timing parameters (recorded in its slot).
+    pub params: Params,
+}
+
+/// Why an I/O failed (an error, or completion past its deadline).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IoFailure(pub String);
+
+/// Inputs to [`LeaseMachine::step`].
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// Start trying to get the lease (and keep it).
+    Acquire,
+    /// Give the lease up (the caller has stopped writing), or stop trying.
+    Release,
+    /// A timer fired; nothing else happened.
+    Tick,
+    /// The outstanding read finished: the blocks asked for, in order.
+    ReadDone(Result<Vec<Block>, IoFailure>),
+    /// The outstanding write finished.
+    WriteDone(Result<(), IoFailure>),
+}
+
+/// What the runtime must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Read `count` blocks starting at area block `first_block`, then feed
+    /// [`Input::ReadDone`].
+    Read { first_block: u64, count: usize },
+    /// Write `data` to area block `block` (durably), then feed
+    /// [`Input::WriteDone`].
+    Write { block: u64, data: Box<Block> },
+    /// Call `step(_, Tick)` no later than this time.
+    WakeAt(Millis),
+    /// Tell the world.
+    Emit(Event),
+}
+
+/// Why a holder lost the lease.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "reason")]
+pub enum LostReason {
+    /// No renewal completed in time: the lease ran out on this node's clock.
+    Expired,
+    /// The owner record names another holder with a newer generation.
+    Superseded { by: String, generation: u64 },
+}
+
+/// Events for the caller.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "event")]
+pub enum Event {
+    /// This node took slot `slot` for the first time.
+    Joined { slot: u16 },
+    /// The lease is held by someone else (or contended); still waiting.
+    Waiting { holder: Option<String> },
+    /// This node holds the lease with fencing token `generation`; it may write
+    /// until `valid_until` on its own clock unless renewed.
+    Acquired {
+        generation: u64,
+        valid_until: Millis,
+    },
+    /// A renewal failed or completed late; the lease runs until `valid_until`.
+    RenewFailed {
+        generation: u64,
+        valid_until: Millis,
+        error: String,
+    },
+    /// The lease is gone: the caller must fence now (within `fence_timeout`).
+    Lost {
+        generation: u64,
+        #[serde(flatten)]
+        reason: LostReason,
+    },
+    /// Released; `clean` is false when the release records could not be written
+    /// (peers then wait `host_dead` instead of taking over at once).
+    Released { generation: u64, clean: bool },
+    /// Stopped trying without ever holding.
+    Stopped,
+    /// Cannot go on (e.g. no free slot); the machine is idle.
+    Failed { error: String },
+}
+
+/// Mode of the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Idle,
+    /// Waiting for a free area, or claiming.
+    Seeking,
+    /// Wrote a fresh slot at `since`; waiting for it to stay ours.
+    Joining {
+        slot: u16,
+        since: Option<Millis>,
+    },
+    Holding,
+    Releasing,
+    Lost,
+}
+
+/// The one outstanding I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    ScanRead,
+    JoinWrite,
+    JoinRead,
+    ClaimWrite,
+    VerifyRead,
+    OwnerWrite,
+    RenewWrite,
+    OwnerCheck,
+    WithdrawWrite,
+    ReleaseSlotWrite,
+    ReleaseOwnerWrite,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    op: Op,
+    issued: Millis,
+}
+
+/// What this node last saw in one slot, and since when (own clock).
+#[derive(Debug, Clone)]
+struct Observation {
+    raw: Box<Block>,
+    /// Completion time of the first read that returned these bytes.
+    since: Millis,
+}
+
+/// The lease state machine of one node for one volume.
+#[derive(Debug, Clone)]
+pub struct LeaseMachine {
+    me: Identity,
+    layout: Layout,
+    mode: Mode,
+    want: bool,
+    pending: Option<Pending>,
+    observed: Vec<Option<Observation>>,
+    my_slot: Option<u16>,
+    /// Exactly what this incarnation last wrote to its slot.
+    my_last: Option<Box<Block>>,
+    seq: u64,
+    max_generation_seen: u64,
+    /// Generation claimed or held.
+    generation: u64,
+    claim_issued: Millis,
+    valid_until: Millis,
+    next_renew: Millis,
+    next_poll: Millis,
+    backoff_round: u32,
+    rng: u64,
+    last_waiting: Option<Option<String>>,
+    release_clean: bool,
+}
+
+impl LeaseMachine {
+    /// A machine for node `me` on an area with `layout`. `me.params` must be
+    /// valid and within the area's ceiling (the runtime checks, with a clear
+    /// error, before creating the machine).
+    pub fn new(me: Identity, layout: Layout) -> LeaseMachine {
+        let rng = me.nonce | 1;
+        LeaseMachine {
+            observed: vec![None; layout.max_slots as usize],
+            me,
+            layout,
+            mode: Mode::Idle,
+            want: false,
+            pending: None,
+            my_slot: None,
+            my_last: None,
+            seq: 0,
+            max_generation_seen: 0,
+            generation: 0,
+            claim_issued: 0,
+            valid_until: 0,
+            next_renew: 0,
+            next_poll: 0,
+            backoff_round: 0,
+            rng,
+            last_waiting: None,
+            release_clean: true,
+        }
+    }
+
+    /// The generation and the end of validity (own clock) while holding.
+    pub fn holding(&self) -> Option<(u64, Millis)> {
+        (self.mode == Mode::Holding).then_some((self.generation, self.valid_until))
+    }
+
+    /// The slot this node uses, once known.
+    pub fn slot(&self) -> Option<u16> {
+        self.my_slot
+    }
+
+    /// This node's identity.
+    pub fn identity(&self) -> &Identity {
+        &self.me
+    }
+
+    /// Whether an I/O is outstanding.
+    pub fn io_outstanding(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Advances the machine to `now` with `input`; returns what to do.
+    pub fn step(&mut self, now: Millis, input: Input) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.check_expiry(now, &mut out);
+        match input {
+            Input::Acquire => {
+                self.want = true;
+                if matches!(self.mode, Mode::Idle | Mode::Lost) {
+                    self.mode = Mode::Seeking;
+                    self.next_poll = now;
+                    self.backoff_round = 0;
+                    self.last_waiting = None;
+                }
+            }
+            Input::Release => self.want = false,
+            Input::Tick => {}
+            Input::ReadDone(result) => self.on_read(now, result, &mut out),
+            Input::WriteDone(result) => self.on_write(now, result, &mut out),
+        }
+        self.check_expiry(now, &mut out);
+        self.drive(now, &mut out);
+        if let Some(t) = self.next_wake() {
+            out.push(Action::WakeAt(t.max(now)));
+        }
+        out
+    }
+
+    fn check_expiry(&mut self, now: Millis, out: &mut Vec<Action>) {
+        if self.mode == Mode::Holding && now >= self.valid_until {
+            self.mode = Mode::Lost;
+            out.push(Action::Emit(Event::Lost {
+                generation: self.generation,
+                reason: LostReason::Expired,
+            }));
+        }
+    }
+
+    fn next_wake(&self) -> Option<Millis> {
+        match self.mode {
+            Mode::Idle | Mode::Lost => None,
+            Mode::Holding if self.pending.is_some() => Some(self.valid_until),
+            Mode::Holding => Some(self.valid_until.min(self.next_renew)),
+            Mode::Releasing => None,
+            Mode::Seeking | Mode::Joining { .. } if self.pending.is_none() => Some(self.next_poll),
+            Mode::Seeking | Mode::Joining { .. } => None,
+        }
+    }
+
+    fn issue(&mut self, now: Millis, op: Op, action: Action, out: &mut Vec<Action>) {
+        self.pending = Some(Pending { op, issued: now });
+        out.push(action);
+    }
+
+    fn read_all(&self) -> Action {
+        Action::Read {
+            first_block: OWNER_BLOCK,
+            count: 1 + self.layout.max_slots as usize,
+        }
+    }
+
+    fn write_slot(&mut self, now: Millis, op: Op, state: SlotState, out: &mut Vec<Action>) {
+        let Some(index) = self.my_slot else { return };
+        self.seq += 1;
+        let slot = Slot {
+            index,
+            state,
+            name: self.me.name.clone(),
+            nonce: self.me.nonce,
+            seq: self.seq,
+            generation: self.generation,
+            max_generation_seen: self.max_generation_seen,
+            params: self.me.params,
+        };
+        let data = Box::new(slot.encode());
+        self.my_last = Some(data.clone());
+        self.issue(
+            now,
+            op,
+            Action::Write {
+                block: FIRST_SLOT_BLOCK + index as u64,
+                data,
+            },
+            out,
+        );
+    }
+
+    fn write_owner(&mut self, now: Millis, op: Op, state: OwnerState, out: &mut Vec<Action>) {
+        let owner = Owner {
+            state,
+            holder_slot: self.my_slot.unwrap_or(0),
+            holder_name: self.me.name.clone(),
+            holder_nonce: self.me.nonce,
+            generation: self.generation,
+            params: self.me.params,
+        };
+        self.issue(
+            now,
+            op,
+            Action::Write {
+                block: OWNER_BLOCK,
+                data: Box::new(owner.encode()),
+            },
+            out,
+        );
+    }
+
+    /// Starts the next I/O when none is outstanding.
+    fn drive(&mut self, now: Millis, out: &mut Vec<Action>) {
+        if self.pending.is_some() {
+            return;
+        }
+        match self.mode {
+            Mode::Idle | Mode::Lost | Mode::Releasing => {}
+            Mode::Seeking | Mode::Joining { .. } if !self.want => {
+                self.mode = Mode::Idle;
+                out.push(Action::Emit(Event::Stopped));
+                let claimed = self
+                    .my_last
+                    .as_ref()
+                    .and_then(|b| Slot::decode(b).valid().map(|s| s.state == SlotState::Claim))
+                    .unwrap_or(false);
+                if claimed {
+                    self.write_slot(now, Op::WithdrawWrite, SlotState::Idle, out);
+                }
+            }
+            Mode::Seeking if now >= self.next_poll => {
+                let read = self.read_all();
+                self.issue(now, Op::ScanRead, read, out);
+            }
+            Mode::Joining { since: Some(_), .. } if now >= self.next_poll => {
+                let read = self.read_all();
+                self.issue(now, Op::JoinRead, read, out);
+            }
+            Mode::Seeking | Mode::Joining { .. } => {}
+            Mode::Holding if !self.want => {
+                self.mode = Mode::Releasing;
+                self.release_clean = true;
+                self.write_slot(now, Op::ReleaseSlotWrite, SlotState::Released, out);
+            }
+            Mode::Holding if now >= self.next_renew => {
+                self.write_slot(now, Op::RenewWrite, SlotState::Hold, out);
+            }
+            Mode::Holding => {}
+        }
+    }
+
+    fn late(&self, now: Millis, issued: Millis) -> bool {
+        now.saturating_sub(issued) > self.me.params.io_timeout_ms as u64
+    }
+
+    fn backoff(&mut self, now: Millis) {
+        // xorshift64: deterministic per nonce, so simulations replay exactly.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.backoff_round = (self.backoff_round + 1).min(5);
+        let span = self.me.params.poll_interval_ms() << self.backoff_round;
+        self.next_poll = now + self.me.params.io_timeout_ms as u64 / 10 + self.rng % span.max(1);
+    }
+
+    fn on_write(&mut self, now: Millis, result: Result<(), IoFailure>, out: &mut Vec<Action>) {
+        let Some(p) = self.pending.take() else { return };
+        let ok = result.is_ok() && !self.late(now, p.issued);
+        let error = match &result {
+            Err(IoFailure(e)) => e.clone(),
+            Ok(()) => format!("completed after {} ms", now.saturating_sub(p.issued)),
+        };
+        match p.op {
+            Op::JoinWrite => {
+                if let Mode::Joining { slot, .. } = self.mode {
+                    if result.is_ok() {
+                        self.mode = Mode::Joining {
+                            slot,
+                            since: Some(now),
+                        };
+                        self.next_poll = now + self.me.params.poll_interval_ms();
+                    } else {
+                        self.my_slot = None;
+                        self.mode = Mode::Seeking;
+                        self.backoff(now);
+                    }
+                }
+            }
+            Op::ClaimWrite => {
+                if self.mode != Mode::Seeking {
+                    return;
+                }
+                if ok {
+                    let read = self.read_all();
+                    self.issue(now, Op::VerifyRead, read, out);
+                } else {
+                    self.withdraw(now, out);
+                }
+            }
+            Op::OwnerWrite => {
+                if self.mode != Mode::Seeking {
+                    return;
+                }
+                let valid_until = self.claim_issued + self.me.params.lease_timeout_ms as u64;
+                if ok && now < valid_until && self.want {
+                    self.mode = Mode::Holding;
+                    self.valid_until = valid_until;
+                    self.next_renew = self.claim_issued + self.me.params.renew_interval_ms as u64;
+                    self.backoff_round = 0;
+                    out.push(Action::Emit(Event::Acquired {
+                        generation: self.generation,
+                        valid_until,
+                    }));
+                } else {
+                    self.withdraw(now, out);
+                }
+            }
+            Op::RenewWrite => {
+                if self.mode != Mode::Holding {
+                    return;
+                }
+                let interval = self.me.params.renew_interval_ms as u64;
+                if ok {
+                    self.valid_until = self
+                        .valid_until
+                        .max(p.issued + self.me.params.lease_timeout_ms as u64);
+                    self.next_renew = p.issued + interval;
+                    self.issue(
+                        now,
+                        Op::OwnerCheck,
+                        Action::Read {
+                            first_block: OWNER_BLOCK,
+                            count: 1,
+                        },
+                        out,
+                    );
+                } else {
+                    // Retry at the normal cadence, or soon if that has passed.
+                    self.next_renew = (p.issued + interval).max(now + interval / 4);
+                    out.push(Action::Emit(Event::RenewFailed {
+                        generation: self.generation,
+                        valid_until: self.valid_until,
+                        error,
+                    }));
+                }
+            }
+            Op::WithdrawWrite => {
+                if self.mode == Mode::Seeking {
+                    self.backoff(now);
+                }
+            }
+            Op::ReleaseSlotWrite => {
+                self.release_clean &= ok;
+                self.write_owner(now, Op::ReleaseOwnerWrite, OwnerState::Released, out);
+            }
+            Op::ReleaseOwnerWrite => {
+                self.release_clean &= ok;
+                self.mode = Mode::Idle;
+                out.push(Action::Emit(Event::Released {
+                    generation: self.generation,
+                    clean: self.release_clean,
+                }));
+            }
+            Op::ScanRead | Op::JoinRead | Op::VerifyRead | Op::OwnerCheck => {}
+        }
+    }
+
+    fn withdraw(&mut self, now: Millis, out: &mut Vec<Action>) {
+        self.mode = Mode::Seeking;
+        self.write_slot(now, Op::WithdrawWrite, SlotState::Idle, out);
+    }
+
+    fn on_read(
+        &mut self,
+        now: Millis,
+        result: Result<Vec<Block>, IoFailure>,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(p) = self.pending.take() else { return };
+        let blocks = match result {
+            Ok(b) => b,
+            Err(_) => {
+                match p.op {
+                    Op::VerifyRead if self.mode == Mode::Seeking => self.withdraw(now, out),
+                    Op::ScanRead | Op::JoinRead => {
+                        self.next_poll = now + self.me.params.poll_interval_ms()
+                    }
+                    _ => {}
+                }
+                return;
+            }
+        };
+        if p.op == Op::OwnerCheck {
+            self.check_owner(blocks.first(), out);
+            return;
+        }
+        if blocks.len() != 1 + self.layout.max_slots as usize {
+            // The runtime returned the wrong shape: treat as a failed read.
+            self.next_poll = now + self.me.params.poll_interval_ms();
+            if p.op == Op::VerifyRead && self.mode == Mode::Seeking {
+                self.withdraw(now, out);
+            }
+            return;
+        }
+        self.observe(now, &blocks);
+        match (p.op, self.mode) {
+            (Op::ScanRead, Mode::Seeking) => self.evaluate(now, p.issued, out),
+            (
+                Op::JoinRead,
+                Mode::Joining {
+                    slot,
+                    since: Some(since),
+                },
+            ) => {
+                if self.own_slot_intact() {
+                    if p.issued.saturating_sub(since) >= self.layout.host_dead_ceiling_ms {
+                        self.mode = Mode::Seeking;
+                        out.push(Action::Emit(Event::Joined { slot }));
+                        self.evaluate(now, p.issued, out);
+                    } else {
+                        self.next_poll = now + self.me.params.poll_interval_ms();
+                    }
+                } else {
+                    // Another node wrote the same free slot: pick again.
+                    self.my_slot = None;
+                    self.my_last = None;
+                    self.mode = Mode::Seeking;
+                    self.backoff(now);
+                }
+            }
+            (Op::VerifyRead, Mode::Seeking) => {
+                let blocked = self.blocker(p.issued).is_some();
+                if !self.own_slot_intact() || blocked || !self.want {
+                    self.withdraw(now, out);
+                } else {
+                    self.write_owner(now, Op::OwnerWrite, OwnerState::Held, out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn check_owner(&mut self, block: Option<&Block>, out: &mut Vec<Action>) {
+        if self.mode != Mode::Holding {
+            return;
+        }
+        let Some(Decoded::Valid(owner)) = block.map(Owner::decode) else {
+            return;
+        };
+        let other = owner.holder_nonce != self.me.nonce || owner.holder_name != self.me.name;
+        if owner.state == OwnerState::Held && other && owner.generation > self.generation {
+            self.mode = Mode::Lost;
+            out.push(Action::Emit(Event::Lost {
+                generation: self.generation,
+                reason: LostReason::Superseded {
+                    by: owner.holder_name,
+                    generation: owner.generation,
+                },
+            }));
+        }
+    }
+
+    /// Records what each slot holds and since when; learns generations.
+    fn observe(&mut self, now: Millis, blocks: &[Block]) {
+        if let Decoded::Valid(owner) = Owner::decode(&blocks[0]) {
+            self.max_generation_seen = self.max_generation_seen.max(owner.generation);
+        }
+        for (i, b) in blocks[1..].iter().enumerate() {
+            let changed = match &self.observed[i] {
+                Some(o) => o.raw[..] != b[..],
+                None => true,
+            };
+            if changed {
+                self.observed[i] = Some(Observation {
+                    raw: Box::new(*b),
+                    since: now,
+                });
+            }
+            if let Decoded::Valid(s) = Slot::decode(b) {
+                self.max_generation_seen = self
+                    .max_generation_seen
+                    .max(s.generation)
+                    .max(s.max_generation_seen);
+            }
+        }
+    }
+
+    fn own_slot_intact(&self) -> bool {
+        match (self.my_slot, &self.my_last) {
+            (Some(i), Some(last)) => self.observed[i as usize]
+                .as_ref()
+                .is_some_and(|o| o.raw[..] == last[..]),
+            _ => false,
+        }
+    }
+
+    /// The first slot that forbids claiming, judged with a read issued at
+    /// `read_issued`: another node's (or an earlier incarnation's) `Claim`,
+    /// `Hold` or unreadable slot that has not been seen unchanged for its
+    /// `host_dead`. Returns the name to report, if known.
+    fn blocker(&self, read_issued: Millis) -> Option<Option<String>> {
+        for (i, obs) in self.observed.iter().enumerate() {
+            let Some(obs) = obs else { continue };
+            let mine = self.my_slot == Some(i as u16);
+            if mine && self.my_last.as_ref().is_some_and(|l| l[..] == obs.raw[..]) {
+                continue;
+            }
+            let (contending, host_dead, name) = match Slot::decode(&obs.raw) {
+                Decoded::Empty => (false, 0, None),
+                Decoded::Valid(s) => {
+                    let host_dead = if s.params.validate().is_ok() {
+                        s.params.host_dead_ms()
+                    } else {
+                        self.layout.host_dead_ceiling_ms
+                    };
+                    let contending = matches!(s.state, SlotState::Claim | SlotState::Hold);
+                    (contending, host_dead, Some(s.name))
+                }
+                Decoded::Corrupt(_) => (true, self.layout.host_dead_ceiling_ms, None),
+            };
+            // A slot only its own node writes: when it is in our slot but not
+            // our bytes, it is an earlier incarnation of us, or a node that
+            // wrote the same free slot; either way it counts like any other.
+            let dead =
+                read_issued.saturating_sub(obs.since) >= host_dead && read_issued >= obs.since;
+            if contending && !dead {
+                return Some(name);
+            }
+        }
+        None
+    }
+
+    /// Decides, from a fresh read of all slots, whether to join, wait or claim.
+    fn evaluate(&mut self, now: Millis, read_issued: Millis, out: &mut Vec<Action>) {
+        if !self.want {
+            return;
+        }
+        if self.my_slot.is_some() && self.my_last.is_some() && !self.own_slot_intact() {
+            // Our slot was overwritten: someone else took it. Find another.
+            self.my_slot = None;
+            self.my_last = None;
+        }
+        if self.my_slot.is_none() {
+            let found = self.observed.iter().position(|o| {
+                o.as_ref().is_some_and(|o| {
+                    Slot::decode(&o.raw)
+                        .valid()
+                        .is_some_and(|s| s.name == self.me.name)
+                })
+            });
+            match found {
+                Some(i) => {
+                    // Our name from an earlier incarnation: the slot is ours, but
+                    // what that incarnation wrote counts like another node's.
+                    self.my_slot = Some(i as u16);
+                    if let Some(s) = self.observed[i]
+                        .as_ref()
+                        .and_then(|o| Slot::decode(&o.raw).valid().cloned())
+                    {
+                        if s.nonce == self.me.nonce {
+                            self.my_last = self.observed[i].as_ref().map(|o| o.raw.clone());
+                        }
+                        self.seq = self.seq.max(s.seq);
+                    }
+                }
+                None => {
+                    let free = self.observed.iter().position(|o| {
+                        o.as_ref()
+                            .is_some_and(|o| matches!(Slot::decode(&o.raw), Decoded::Empty))
+                    });
+                    match free {
+                        Some(i) => {
+                            self.my_slot = Some(i as u16);
+                            self.mode = Mode::Joining {
+                                slot: i as u16,
+                                since: None,
+                            };
+                            self.write_slot(now, Op::JoinWrite, SlotState::Idle, out);
+                        }
+                        None => {
+                            self.mode = Mode::Idle;
+                            self.want = false;
+                            out.push(Action::Emit(Event::Failed {
+                                error: format!(
+                                    "no free slot: all {} slots of the lease area are taken by other nodes",
+                                    self.layout.max_slots
+                                ),
+                            }));
+                        }
+                    }
+                    return;
+                }
+            }
+        }
+        match self.blocker(read_issued) {
+            Some(holder) => {
+                if self.last_waiting.as_ref() != Some(&holder) {
+                    self.last_waiting = Some(holder.clone());
+                    out.push(Action::Emit(Event::Waiting { holder }));
+                }
+                self.next_poll = now + self.me.params.poll_interval_ms();
+            }
+            None => {
+                self.generation = self.max_generation_seen + 1;
+                self.max_generation_seen = self.generation;
+                self.claim_issued = now;
+                self.write_slot(now, Op::ClaimWrite, SlotState::Claim, out);
+            }
+        }
+    }
+}
+
+/// Length of one block, re-exported for runtimes that size buffers.
+pub const BLOCK_BYTES: usize = BLOCK;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A perfect disk with instant I/O, for unit tests of single schedules.
+    struct Disk {
+        blocks: Vec<Block>,
+    }
+
+    impl Disk {
+        fn new(slots: u16) -> Disk {
+            let mut blocks = vec![[0u8; BLOCK]; 2 + slots as usize];
+            blocks[OWNER_BLOCK as usize] = Owner::free(Params::default()).encode();
+            Disk { blocks }
+        }
+        /// Performs the I/O actions at once; returns the follow-up input.
+        fn perform(&mut self, actions: &[Action]) -> (Option<Input>, Vec<Event>) {
+            let mut input = None;
+            let mut events = vec![];
+            for a in actions {
+                match a {
+                    Action::Read { first_block, count } => {
+                        let s = *first_block as usize;
+                        input = Some(Input::ReadDone(Ok(self.blocks[s..s + count].to_vec())));
+                    }
+                    Action::Write { block, data } => {
+                        self.blocks[*block as usize] = **data;
+                        input = Some(Input::WriteDone(Ok(())));
+                    }
+                    Action::Emit(e) => events.push(e.clone()),
+                    Action::WakeAt(_) => {}
+                }
+            }
+            (input, events)
+        }
+    }
+
+    fn layout() -> Layout {
+        Layout {
+            max_slots: 4,
+            host_dead_ceiling_ms: Params::default().host_dead_ms(),
+        }
+    }
+
+    fn node(name: &str, nonce: u64) -> LeaseMachine {
+        LeaseMachine::new(
+            Identity {
+                name: name.into(),
+                nonce,
+                params: Params::default(),
+            },
+            layout(),
+        )
+    }
+
+    /// Runs `m` at time `now` until it has no immediate I/O left.
+    fn settle(m: &mut LeaseMachine, disk: &mut Disk, now: Millis, first: Input) -> Vec<Event> {
+        let mut events = vec![];
+        let mut input = Some(first);
+        while let Some(i) = input.take() {
+            let actions = m.step(now, i);
+            let (next, ev) = disk.perform(&actions);
+            events.extend(ev);
+            input = next;
+        }
+        events
+    }
+
+    #[test]
+    fn a_fresh_node_joins_then_acquires_a_free_area() {
+        let mut disk = Disk::new(4);
+        let mut a = node("a", 1);
+        let ev = settle(&mut a, &mut disk, 0, Input::Acquire);
+        assert!(ev.is_empty(), "{ev:?}");
+        // Joining: nothing until the ceiling has passed with the slot unchanged.
+        let ceiling = layout().host_dead_ceiling_ms;
+        let mut t = 0;
+        let mut events = vec![];
+        while t <= ceiling + 1_000 {
+            t += 100;
+            events.extend(settle(&mut a, &mut disk, t, Input::Tick));
+        }
+        assert!(matches!(events[0], Event::Joined { slot: 0 }));
+        assert!(matches!(events[1], Event::Acquired { generation: 1, .. }));
+        assert_eq!(a.holding().map(|h| h.0), Some(1));
+    }
+
+    fn joined(name: &str, nonce: u64, disk: &mut Disk) -> LeaseMachine {
+        let mut m = node(name, nonce);
+        settle(&mut m, disk, 0, Input::Acquire);
+        let mut t = 0;
+        while m.holding().is_none() {
+            t += 100;
+            settle(&mut m, disk, t, Input::Tick);
+            assert!(t < 60_000);
+        }
+        // Hand it back so the next node can join on a free area.
+        settle(&mut m, disk, t, Input::Release);
+        m
+    }
+
+    #[test]
+    fn release_hands_over_at_once_and_generation_grows() {
+        let mut disk = Disk::new(4);
+        let mut a = joined("a", 1, &mut disk);
+        let mut b = joined("b", 2, &mut disk);
+        let t = 100_000;
+        let ev = settle(&mut a, &mut disk, t, Input::Acquire);
+        let Some(Event::Acquired { generation: ga, .. }) = ev.last().cloned() else {
+            panic!("{ev:?}")
+        };
+        let ev = settle(&mut b, &mut disk, t, Input::Acquire);
+        assert!(
+            matches!(ev.last(), Some(Event::Waiting { holder: Some(h) }) if h == "a"),
+            "{ev:?}"
+        );
+        let ev = settle(&mut a, &mut disk, t + 10, Input::Release);
+        assert_eq!(
+            ev,
+            vec![Event::Released {
+                generation: ga,
+                clean: true
+            }]
+        );
+        // b's next poll, with no waiting at all.
+        let ev = settle(&mut b, &mut disk, t + 500, Input::Tick);
+        assert!(
+            matches!(ev.last(), Some(Event::Acquired { generation, .. }) if *generation == ga + 1),
+            "{ev:?}"
+        );
+    }
+
+    #[test]
+    fn a_silent_holder_is_taken_over_only_after_host_dead() {
+        let mut disk = Disk::new(4);
+        let mut a = joined("a", 1, &mut disk);
+        let mut b = joined("b", 2, &mut disk);
+        let t0 = 100_000;
+        settle(&mut a, &mut disk, t0, Input::Acquire);
+        assert!(a.holding().is_some());
+        // a goes silent now (crash). b starts watching.
+        let host_dead = Params::default().host_dead_ms();
+        let mut t = t0;
+        let mut acquired_at = None;
+        settle(&mut b, &mut disk, t, Input::Acquire);
+        while acquired_at.is_none() {
+            t += 50;
+            let ev = settle(&mut b, &mut disk, t, Input::Tick);
+            if ev.iter().any(|e| matches!(e, Event::Acquired { .. })) {
+                acquired_at = Some(t);
+            }
+        }
+        let at = acquired_at.unwrap();
+        assert!(
+            at - t0 >= host_dead,
+            "took over after {} ms < host_dead {host_dead}",
+            at - t0
+        );
+        assert!(at - t0 <= host_dead + 1_000, "took {} ms", at - t0);
+        // When a comes back its clock says the lease ran out.
+        let ev = settle(&mut a, &mut disk, at, Input::Tick);
+        assert!(
+            matches!(
+                ev[0],
+                Event::Lost {
+                    reason: LostReason::Expired,
+                    ..
+                }
+            ),
+            "{ev:?}"
+        );
+    }
+
+    #[test]
+    fn a_renewing_holder_is_never_taken_over() {
+        let mut disk = Disk::new(4);
+        let mut a = joined("a", 1, &mut disk);
+        let mut b = joined("b", 2, &mut disk);
+        let t0 = 100_000;
+        settle(&mut a, &mut disk, t0, Input::Acquire);
+        settle(&mut b, &mut disk, t0, Input::Acquire);
+        for k in 1..1_000 {
+            let t = t0 + k * 100;
+            settle(&mut a, &mut disk, t, Input::Tick);
+            let ev = settle(&mut b, &mut disk, t, Input::Tick);
+            assert!(
+                !ev.iter().any(|e| matches!(e, Event::Acquired { .. })),
+                "{ev:?}"
+            );
+        }
+        assert!(a.holding().is_some());
+    }
+
+    #[test]
+    fn a_renewal_completing_late_does_not_extend_the_lease() {
+        let mut disk = Disk::new(4);
+        let mut a = joined("a", 1, &mut disk);
+        let t0 = 100_000;
+        settle(&mut a, &mut disk, t0, Input::Acquire);
+        let (_, until) = a.holding().unwrap();
+        let actions = a.step(t0 + 1_000, Input::Tick);
+        assert!(actions.iter().any(|x| matches!(x, Action::Write { .. })));
+        // The write completes 2 s later: past io_timeout.
+        let actions = a.step(t0 + 3_000, Input::WriteDone(Ok(())));
+        assert!(actions
+            .iter()
+            .any(|x| matches!(x, Action::Emit(Event::RenewFailed { .. }))));
+        assert_eq!(a.holding().unwrap().1, until);
+        let actions = a.step(until, Input::Tick);
+        assert!(actions
+            .iter()
+            .any(|x| matches!(x, Action::Emit(Event::Lost { .. }))));
+    }
+
+    #[test]
+    fn a_corrupt_slot_blocks_claims_until_unchanged_for_the_ceiling() {
+        let mut disk = Disk::new(4);
+        let mut b = joined("b", 2, &mut disk);
+        // Slot 3 is torn garbage.
+        disk.blocks[FIRST_SLOT_BLOCK as usize + 3] = [0x5a; BLOCK];
+        let t0 = 100_000;
+        let ev = settle(&mut b, &mut disk, t0, Input::Acquire);
+        assert!(
+            matches!(ev.last(), Some(Event::Waiting { holder: None })),
+            "{ev:?}"
+        );
+        let ceiling = layout().host_dead_ceiling_ms;
+        let mut t = t0;
+        loop {
+            t += 100;
+            let ev = settle(&mut b, &mut disk, t, Input::Tick);
+            if ev.iter().any(|e| matches!(e, Event::Acquired { .. })) {
+                break;
+            }
+        }
+        assert!(t - t0 >= ceiling);
+    }
+
+    #[test]
+    fn no_free_slot_is_a_clear_failure() {
+        let mut disk = Disk::new(1);
+        let mut m = LeaseMachine::new(
+            Identity {
+                name: "x".into(),
+                nonce: 9,
+                params: Params::default(),
+            },
+            Layout {
+                max_slots: 1,
+                host_dead_ceiling_ms: 9_200,
+            },
+        );
+        let other = Slot {
+            index: 0,
+            state: SlotState::Idle,
+            name: "y".into(),
+            nonce: 1,
+            seq: 1,
+            generation: 0,
+            max_generation_seen: 0,
+            params: Params::default(),
+        };
+        disk.blocks[FIRST_SLOT_BLOCK as usize] = other.encode();
+        let ev = settle(&mut m, &mut disk, 0, Input::Acquire);
+        assert!(
+            matches!(&ev[0], Event::Failed { error } if error.contains("no free slot")),
+            "{ev:?}"
+        );
+    }
+}
