@@ -60,6 +60,7 @@ use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::str::FromStr;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
@@ -107,12 +108,22 @@ const EXIT_ABORTED: i32 = 3;
 #[command(name = "blockfence-fusepath", version, verbatim_doc_comment)]
 struct Args {
     /// Backing image file (the shared volume); its size is the disk's size.
-    #[arg(long, value_name = "IMG", env = "BLOCKFENCE_FUSEPATH_BACKING")]
-    backing: PathBuf,
+    #[arg(
+        long,
+        value_name = "IMG",
+        env = "BLOCKFENCE_FUSEPATH_BACKING",
+        required_unless_present = "send"
+    )]
+    backing: Option<PathBuf>,
 
     /// Existing empty directory to mount on; the disk appears as DIR/disk.
-    #[arg(long, value_name = "DIR", env = "BLOCKFENCE_FUSEPATH_MOUNTPOINT")]
-    mountpoint: PathBuf,
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "BLOCKFENCE_FUSEPATH_MOUNTPOINT",
+        required_unless_present = "send"
+    )]
+    mountpoint: Option<PathBuf>,
 
     /// Unix socket for control commands [default: DIR.sock].
     #[arg(long, value_name = "SOCKET", env = "BLOCKFENCE_FUSEPATH_CONTROL")]
@@ -125,6 +136,12 @@ struct Args {
     /// Mode at start: ok, slow:MS, stall or eio.
     #[arg(long, default_value = DEFAULT_MODE, env = "BLOCKFENCE_FUSEPATH_MODE")]
     mode: Mode,
+
+    /// Client instead of server: send COMMAND to the --control socket of a
+    /// running instance, print its answer, exit 1 if the answer is an error.
+    /// Example: blockfence-fusepath --control DIR.sock --send "slow 200"
+    #[arg(long, value_name = "COMMAND", requires = "control")]
+    send: Option<String>,
 }
 
 /// How the storage path treats data requests.
@@ -794,7 +811,7 @@ fn handle_signals(
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -804,23 +821,51 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    match (&args.send, &args.control, &args.backing, &args.mountpoint) {
+        (Some(command), Some(control), _, _) => send(control, command),
+        (None, _, Some(backing), Some(mountpoint)) => {
+            serve(&args, backing, mountpoint).map(|()| ExitCode::SUCCESS)
+        }
+        // clap enforces one of the two shapes above.
+        _ => bail!("give --backing and --mountpoint, or --control and --send"),
+    }
+}
 
+/// Client mode: one command, one answer on stdout.
+fn send(control: &Path, command: &str) -> anyhow::Result<ExitCode> {
+    let conn = UnixStream::connect(control)
+        .with_context(|| format!("connecting to control socket {}", control.display()))?;
+    writeln!(&conn, "{}", command.trim()).context("sending the command")?;
+    let mut answer = String::new();
+    BufReader::new(&conn)
+        .read_line(&mut answer)
+        .context("reading the answer")?;
+    let answer = answer.trim_end();
+    println!("{answer}");
+    Ok(if answer.starts_with("ok") {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Server mode: mount, serve until unmounted or signalled.
+fn serve(args: &Args, backing_path: &Path, mountpoint_arg: &Path) -> anyhow::Result<()> {
     let backing = OpenOptions::new()
         .read(true)
         .write(true)
-        .open(&args.backing)
-        .with_context(|| format!("opening backing image {}", args.backing.display()))?;
+        .open(backing_path)
+        .with_context(|| format!("opening backing image {}", backing_path.display()))?;
     let meta = backing.metadata()?;
     if !meta.is_file() {
         bail!(
             "backing image {} is not a regular file",
-            args.backing.display()
+            backing_path.display()
         );
     }
-    let mountpoint = args
-        .mountpoint
+    let mountpoint = mountpoint_arg
         .canonicalize()
-        .with_context(|| format!("mountpoint {} must exist", args.mountpoint.display()))?;
+        .with_context(|| format!("mountpoint {} must exist", mountpoint_arg.display()))?;
     if !mountpoint.is_dir() {
         bail!("mountpoint {} is not a directory", mountpoint.display());
     }
@@ -852,7 +897,7 @@ fn main() -> anyhow::Result<()> {
         ready_file: args.ready_file.clone(),
     };
     let options = [
-        MountOption::FSName(format!("{FS_NAME_PREFIX}{}", args.backing.display())),
+        MountOption::FSName(format!("{FS_NAME_PREFIX}{}", backing_path.display())),
         MountOption::Subtype("blockfence-fusepath".into()),
         MountOption::NoDev,
         MountOption::NoSuid,
@@ -865,7 +910,7 @@ fn main() -> anyhow::Result<()> {
         )
     })?;
     info!(
-        backing = %args.backing.display(),
+        backing = %backing_path.display(),
         disk = %disk.display(),
         control = %control.display(),
         size = meta.len(),
