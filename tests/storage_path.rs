@@ -31,7 +31,7 @@ fn two_nodes() -> (SharedImage, NodePath, NodePath) {
 fn stop_and_check(nodes: Vec<NodePath>) {
     for node in nodes {
         let name = node.name().to_string();
-        let footprint = node.footprint().expect("footprint");
+        let footprint = node.footprint();
         let present = footprint.leftovers();
         assert_eq!(
             present.len(),
@@ -232,7 +232,7 @@ fn teardown_of_a_stalled_node_does_not_hang() {
     }
     let image = SharedImage::create(IMAGE_SIZE).expect("image");
     let a = NodePath::new(&image, "a").expect("node a");
-    let footprint = a.footprint().expect("footprint");
+    let footprint = a.footprint();
     a.set_mode(Mode::Stall).expect("stall");
     let (tx, rx) = mpsc::channel();
     let device = a.device().to_path_buf();
@@ -311,6 +311,32 @@ fn sigkilled_process_with_stalled_io_stays_until_the_path_is_released() {
     });
     let status = rx.recv_timeout(MUST_HAPPEN).expect("dd dies once released");
     assert!(!status.expect("wait").success());
+    stop_and_check(vec![a]);
+}
+
+/// If the FUSE process itself dies, the kernel aborts its connection: held
+/// I/O fails instead of hanging, and teardown still leaves nothing behind.
+#[test]
+fn killing_the_fuse_process_fails_held_io() {
+    if !require_root_loop_fuse() {
+        return;
+    }
+    let image = SharedImage::create(IMAGE_SIZE).expect("image");
+    let mut a = NodePath::new(&image, "a").expect("node a");
+    a.set_mode(Mode::Stall).expect("stall");
+    let (tx, rx) = mpsc::channel();
+    let device = a.device().to_path_buf();
+    thread::spawn(move || {
+        let _ = tx.send(read_direct(&device, 0, SECTOR));
+    });
+    assert!(a.wait_held(1, MUST_HAPPEN).expect("wait-held"));
+    a.kill_fuse().expect("kill the FUSE process");
+    let result = rx.recv_timeout(MUST_HAPPEN).expect("held read returns");
+    assert!(is_eio(&result), "held read must fail with EIO: {result:?}");
+    assert!(
+        is_eio(&read_direct(a.device(), 0, SECTOR)),
+        "new reads fail too"
+    );
     stop_and_check(vec![a]);
 }
 

@@ -16,9 +16,11 @@
 //! the FUSE process and unmount if it left anything behind.
 //!
 //! `BLOCKFENCE_KEEP_DEVICES=1` keeps images, mounts, loop devices and FUSE
-//! processes for inspection and prints where they are. Clean up afterwards
-//! with `scripts/lib-nodes.sh` (`bf_node_stop DIR`) or by hand: `--send eio`
-//! to the control socket, `losetup -d`, `kill`, `umount -l`.
+//! processes for inspection and prints where they are. A node's directory
+//! has the layout of `scripts/lib-nodes.sh` (mnt/, control.sock,
+//! fusepath.log, pid, device), so `. scripts/lib-nodes.sh; bf_node_stop DIR`
+//! cleans it up; by hand: `--send eio` to the control socket, `losetup -d`,
+//! `kill`, `umount -l`.
 //!
 //! `BLOCKFENCE_REQUIRE_DEVICES=1` turns a missing facility (not root, no
 //! loop, no FUSE) into a failure instead of a skip; use it in CI.
@@ -354,6 +356,8 @@ pub struct NodePath {
     log: PathBuf,
     fuse: Option<Child>,
     device: Option<PathBuf>,
+    /// `major:minor` of the FUSE mount, as losetup shows BACK-MAJ:MIN.
+    fuse_dev: String,
 }
 
 impl NodePath {
@@ -386,6 +390,10 @@ impl NodePath {
             .spawn()
             .map_err(|e| io::Error::new(e.kind(), format!("starting {FUSEPATH_BIN}: {e}")))?;
 
+        // The same layout as scripts/lib-nodes.sh, so `bf_node_stop DIR`
+        // cleans up a node kept with BLOCKFENCE_KEEP_DEVICES=1.
+        std::fs::write(dir_path.join("pid"), format!("{}\n", child.id()))?;
+
         // Forward stdout to the log; report the READY line (or EOF) once.
         let stdout = child.stdout.take().expect("stdout is piped");
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -415,6 +423,7 @@ impl NodePath {
             log,
             fuse: Some(child),
             device: None,
+            fuse_dev: String::new(),
         };
         match ready_rx.recv_timeout(READY_TIMEOUT) {
             Ok(true) => {}
@@ -422,9 +431,16 @@ impl NodePath {
             Err(_) => return Err(node.startup_error(&format!("no READY within {READY_TIMEOUT:?}"))),
         }
         let disk = node.disk();
+        let dev = std::fs::metadata(&disk)?.dev();
+        node.fuse_dev = format!("{}:{}", libc::major(dev), libc::minor(dev));
         let disk = disk.to_str().expect("temp paths are UTF-8");
         let out = run_ok("losetup", &["--direct-io=on", "-f", "--show", disk])?;
-        node.device = Some(PathBuf::from(out.stdout.trim()));
+        let device = PathBuf::from(out.stdout.trim());
+        node.device = Some(device.clone());
+        std::fs::write(
+            node.dir_path.join("device"),
+            format!("{}\n", device.display()),
+        )?;
         Ok(node)
     }
 
@@ -465,13 +481,12 @@ impl NodePath {
     }
 
     /// What to look for after teardown (`Footprint::leftovers`).
-    pub fn footprint(&self) -> io::Result<Footprint> {
-        let dev = std::fs::metadata(self.disk())?.dev();
-        Ok(Footprint {
+    pub fn footprint(&self) -> Footprint {
+        Footprint {
             dir: self.dir_path.clone(),
-            fuse_dev: format!("{}:{}", libc::major(dev), libc::minor(dev)),
+            fuse_dev: self.fuse_dev.clone(),
             device: self.device().to_path_buf(),
-        })
+        }
     }
 
     pub fn fuse_pid(&self) -> Option<u32> {
@@ -529,6 +544,18 @@ impl NodePath {
         node_process.wait()
     }
 
+    /// SIGKILLs the FUSE process: the storage path dies abruptly. The kernel
+    /// aborts the FUSE connection, so held and new I/O on the device fail
+    /// (EIO); the dead mount stays until teardown unmounts it.
+    pub fn kill_fuse(&mut self) -> io::Result<ExitStatus> {
+        let child = self
+            .fuse
+            .as_mut()
+            .ok_or_else(|| io::Error::other("FUSE process already gone"))?;
+        child.kill()?;
+        child.wait()
+    }
+
     /// Tears down in the order that cannot hang: eio, detach the loop device,
     /// SIGTERM the FUSE process (SIGKILL after TEARDOWN_TIMEOUT), unmount
     /// what is left. Returns every problem met; does all steps regardless.
@@ -546,9 +573,20 @@ impl NodePath {
         if self.fuse.is_none() && self.device.is_none() {
             return problems;
         }
-        // 1. Nothing may stay blocked on this path.
-        if let Err(e) = self.set_mode(Mode::Eio) {
-            problems.push(format!("switching to eio: {e}"));
+        // 1. Nothing may stay blocked on this path. (A dead FUSE process has
+        //    already failed everything: its connection was aborted.)
+        let fuse_alive = match self.fuse.as_mut().map(Child::try_wait) {
+            Some(Ok(None)) => true,
+            Some(Ok(Some(_))) | None => false,
+            Some(Err(e)) => {
+                problems.push(format!("checking the FUSE process: {e}"));
+                true
+            }
+        };
+        if fuse_alive {
+            if let Err(e) = self.set_mode(Mode::Eio) {
+                problems.push(format!("switching to eio: {e}"));
+            }
         }
         // 2. Detach. If something still holds the device open, the kernel
         //    detaches it when that last user closes it (autoclear).
@@ -609,13 +647,15 @@ impl Drop for NodePath {
             if let Some(dir) = self.dir.take() {
                 eprintln!(
                     "{KEEP_ENV}=1: keeping node {}: device {}, FUSE file {} (pid {}), \
-                     control socket {}, log {}",
+                     control socket {}, log {}; clean up with: \
+                     . scripts/lib-nodes.sh; bf_node_stop {}",
                     self.name,
                     self.device.as_deref().unwrap_or(Path::new("-")).display(),
                     self.disk().display(),
                     self.fuse_pid().map_or("-".into(), |p| p.to_string()),
                     self.control.display(),
-                    self.log.display()
+                    self.log.display(),
+                    self.dir_path.display()
                 );
                 let _ = dir.keep();
                 // Neither kill nor reap the FUSE process: it keeps serving.
