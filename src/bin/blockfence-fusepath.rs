@@ -50,6 +50,20 @@
 //! exits, which aborts the FUSE connection: the users of the file then get
 //! errors (ENOTCONN/EIO) instead of hanging. Detach loop devices first.
 //!
+//! What a stall looks like from above (verified on Linux 6.18): the loop
+//! device queues its direct I/O to FUSE asynchronously (FUSE_ASYNC_DIO), so
+//! its worker threads stay idle and several requests can be held at once; a
+//! process reading or writing the loop device waits in uninterruptible sleep
+//! (state D, in `submit_bio_wait`) and SIGKILL does not end it until its I/O
+//! is released (`ok`, `eio`, or this process dying). Hence a simulated crash
+//! is "cut the path (`eio`), then SIGKILL", and teardown is "`eio`,
+//! `losetup -d`, SIGTERM". The kernel's hung-task detector reports such a
+//! process after `kernel.hung_task_timeout_secs` (120 s by default).
+//!
+//! If this process dies (SIGKILL), the kernel aborts the FUSE connection:
+//! held and later I/O fails with EIO, and the dead mount ("Transport endpoint
+//! is not connected") stays until unmounted (`umount -l DIR`).
+//!
 //! Needs root (mount(2) of a FUSE filesystem) and /dev/fuse; it does not use
 //! libfuse or fusermount.
 
@@ -104,8 +118,22 @@ const EXIT_ABORTED: i32 = 3;
 /// `ok`, `slow MS`, `stall`, `eio`, `status`, `wait-held N MS`.
 /// Prints `READY disk=PATH control=SOCKET` once mounted. SIGTERM unmounts.
 /// Needs root and /dev/fuse (no fusermount needed).
+///
+/// Example:
+///   blockfence-fusepath --backing shared.img --mountpoint /tmp/a &
+///   losetup --direct-io=on -f --show /tmp/a/disk
+///   blockfence-fusepath --control /tmp/a.sock --send stall
+///   blockfence-fusepath --control /tmp/a.sock --send "slow 200"
+/// Stop: --send eio, losetup -d the device, then SIGTERM.
 #[derive(Debug, Parser)]
-#[command(name = "blockfence-fusepath", version, verbatim_doc_comment)]
+#[command(
+    name = "blockfence-fusepath",
+    version,
+    verbatim_doc_comment,
+    override_usage = "blockfence-fusepath --backing IMG --mountpoint DIR [--control SOCKET] \
+                      [--ready-file FILE] [--mode MODE]\n       \
+                      blockfence-fusepath --control SOCKET --send COMMAND"
+)]
 struct Args {
     /// Backing image file (the shared volume); its size is the disk's size.
     #[arg(
