@@ -380,19 +380,11 @@ impl NodePath {
             .arg(&mountpoint)
             .arg("--control")
             .arg(&control)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log_file.try_clone()?)
             .spawn()
             .map_err(|e| io::Error::new(e.kind(), format!("starting {FUSEPATH_BIN}: {e}")))?;
-
-        // The same layout as scripts/lib-nodes.sh, so `bf_node_stop DIR`
-        // cleans up a node kept with BLOCKFENCE_KEEP_DEVICES=1.
-        std::fs::write(dir_path.join("pid"), format!("{}\n", child.id()))?;
 
         // Forward stdout to the log; report the READY line (or EOF) once.
         let stdout = child.stdout.take().expect("stdout is piped");
@@ -425,6 +417,10 @@ impl NodePath {
             device: None,
             fuse_dev: String::new(),
         };
+        // The same layout as scripts/lib-nodes.sh, so `bf_node_stop DIR`
+        // cleans up a node kept with BLOCKFENCE_KEEP_DEVICES=1.
+        let pid = node.fuse_pid().expect("just started");
+        std::fs::write(node.dir_path.join("pid"), format!("{pid}\n"))?;
         match ready_rx.recv_timeout(READY_TIMEOUT) {
             Ok(true) => {}
             Ok(false) => return Err(node.startup_error("exited before READY")),
@@ -444,7 +440,7 @@ impl NodePath {
         Ok(node)
     }
 
-    fn startup_error(&mut self, what: &str) -> io::Error {
+    fn startup_error(&self, what: &str) -> io::Error {
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
         io::Error::other(format!(
             "blockfence-fusepath for node {}: {what}; its log:\n{log}",
