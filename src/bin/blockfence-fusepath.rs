@@ -108,6 +108,9 @@ const DEFAULT_CONTROL_SUFFIX: &str = ".sock";
 const DEFAULT_MODE: &str = "ok";
 /// Maximum concurrent background (asynchronous) requests the kernel may queue.
 const MAX_BACKGROUND: u16 = 64;
+/// FUSE source name of our mounts, as it appears in /proc/self/mountinfo.
+const FS_NAME_PREFIX: &str = "blockfence-fusepath:";
+
 /// Exit code when SIGTERM found the mount busy and the connection was aborted.
 const EXIT_ABORTED: i32 = 3;
 
@@ -778,9 +781,6 @@ fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
     }
     UnixListener::bind(path).with_context(|| format!("binding control socket {}", path.display()))
 }
-
-/// FUSE source name of our mounts, as it appears in /proc/self/mountinfo.
-const FS_NAME_PREFIX: &str = "blockfence-fusepath:";
 
 /// Whether one of our FUSE mounts is still on `mountpoint` (canonical path).
 fn our_mount_on(mountpoint: &Path) -> bool {
