@@ -590,6 +590,13 @@ fn mounted_filesystem_is_in_use_and_matches_debugfs() {
         });
         assert_eq!(mmp::mmp_wait_seconds(&sb), 11);
 
+        if csum == "metadata_csum" {
+            // e2mmpstatus watches the block for 2·ci+1 s and sees kmmpd's
+            // writes: exit 1, "in use". (Once per test: it takes 11 s.)
+            let st = run("e2mmpstatus", &[path_str(&lp.dev)]);
+            assert_eq!(st.status.code(), Some(1), "e2mmpstatus on a mounted fs");
+        }
+
         mnt.unmount();
         let (_, after) = read_mmp(&lp.dev).expect("read MMP");
         assert_eq!(after.state(), MmpState::Clean);
@@ -697,7 +704,7 @@ fn mark_mmp_clean_after_a_crashed_holder() {
 /// The kernel's wait for a not-clean block, against
 /// [`blockfence::ext4::Mmp::mount_wait_seconds`]: the mount takes at least
 /// twice the wait (check, write its own seq, check again). Slow by nature
-/// (about 22 s).
+/// (about 33 s: e2mmpstatus waits once, the mount twice).
 #[test]
 fn kernel_waits_out_an_in_use_block() {
     require_root_and_loop!();
@@ -719,6 +726,28 @@ fn kernel_waits_out_an_in_use_block() {
         .mount_wait_seconds(&sb)
         .expect("in use: mount is not refused");
     assert_eq!(expected, 2 * mmp::mmp_wait_seconds(&sb));
+
+    // Surprise: e2mmpstatus calls a stale in-use block (nobody updating it)
+    // "safe to mount ... MMP is clean", exit 0, but only after watching it for
+    // one wait. Exit 0 from e2mmpstatus does not mean seq is CLEAN.
+    let start = Instant::now();
+    let st = run("e2mmpstatus", &[path_str(&lp.dev)]);
+    let took = start.elapsed();
+    assert_eq!(
+        st.status.code(),
+        Some(0),
+        "e2mmpstatus on a stale in-use block"
+    );
+    assert!(
+        took >= Duration::from_secs(u64::from(mmp::mmp_wait_seconds(&sb))),
+        "{took:?}"
+    );
+    assert_eq!(
+        read_mmp(&lp.dev).expect("read MMP").1,
+        in_use,
+        "e2mmpstatus wrote nothing"
+    );
+
     let start = Instant::now();
     let mut mnt = Mount::new(&lp.dev).expect("a stale in-use block mounts after the wait");
     let took = start.elapsed();

@@ -9,6 +9,10 @@
 //! the unit around the MMP block holds neighbouring blocks too, which a clean
 //! write rewrites with the bytes just read.
 //!
+//! A read that races a write (kmmpd here or on another node) can return a torn
+//! block: with metadata_csum it fails its checksum and the caller should read
+//! again; without metadata_csum nothing can tell.
+//!
 //! What this module must not do: decide that a takeover is safe, or run any
 //! e2fsprogs tool.
 
@@ -158,7 +162,9 @@ pub fn read_mmp(path: impl AsRef<Path>) -> Result<(Superblock, Mmp), Ext4Error> 
 /// `tune2fs` (whose `-E clear_mmp` rewrites the block from scratch). The device
 /// is opened with `O_EXCL`, so it fails with [`Ext4Error::Busy`] while mounted
 /// on *this* node. It refuses a block with a bad magic or checksum rather than
-/// overwrite it. Returns the state it found.
+/// overwrite it. An FSCK seq (e2fsck running, or crashed while running) is
+/// cleared like an in-use one: the lease must cover fsck too. Returns the
+/// state it found, for the caller to log.
 pub fn mark_mmp_clean(path: impl AsRef<Path>) -> Result<MmpState, Ext4Error> {
     Ext4Device::open_for_write(path)?.mark_mmp_clean()
 }

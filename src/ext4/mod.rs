@@ -9,13 +9,15 @@
 //! stop a filesystem dead with `EXT4_IOC_SHUTDOWN` when this node is fenced.
 //!
 //! Layout:
-//! - [`checksum`]: ext4's crc32c convention (pure);
+//! - `checksum`: ext4's crc32c convention, [`ext4_crc32c`] (pure);
 //! - [`superblock`]: [`Superblock::parse`] of the 1024 bytes at device offset
 //!   1024 (pure);
 //! - [`mmp`]: [`Mmp::parse`], [`MmpState`], [`mmp_wait_seconds`], the report a
 //!   CLI prints (pure);
 //! - [`device`]: reads and the clean write of a device, always with `O_DIRECT`
-//!   (the block device page cache is stale when another node writes);
+//!   (the block device page cache is stale when another node writes), over
+//!   the aligned-buffer helpers of `dio` (the module's only unsafe code besides
+//!   the ioctl);
 //! - [`shutdown()`]: `EXT4_IOC_SHUTDOWN` on a mount point.
 //!
 //! Invariants:
@@ -65,7 +67,8 @@ pub enum Ext4Error {
     /// The superblock's own checksum does not match its bytes.
     #[error(
         "superblock checksum mismatch: stored {stored:#010x}, computed {computed:#010x} \
-         (damaged superblock; run e2fsck while nothing has it mounted)"
+         (damaged, or caught mid-write on a mounted filesystem: read again; if it \
+         persists, run e2fsck while no node has it mounted)"
     )]
     BadSuperblockChecksum { stored: u32, computed: u32 },
     /// The filesystem has no `mmp` feature.
