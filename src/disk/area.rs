@@ -390,6 +390,20 @@ pub fn open_area<D: DeviceIo + ?Sized>(dev: &D) -> Result<AreaInfo, DiskError> {
                 offset: at,
             }),
         },
+        // Torn headers here, and an area below that was moved here: a grow
+        // that stopped while writing the new headers. Grow again finishes it.
+        corrupt @ Verdict::Corrupt { .. } => {
+            match find_old_area(dev, at, OPEN_SEARCH_BYTES, None)? {
+                Found::Area { at: old, header } if header.state == AreaState::Moved => {
+                    Err(DiskError::DeviceGrown {
+                        path: path_of(dev),
+                        old_offset: old,
+                        new_offset: at,
+                    })
+                }
+                _ => Err(verdict_error(dev, at, corrupt)),
+            }
+        }
         other => Err(verdict_error(dev, at, other)),
     }
 }
@@ -681,16 +695,28 @@ fn check_authority(
 ///    (`fs_bytes` unchanged: the filesystem is resized separately);
 /// 4. overwrite the old owner and slot blocks with the old `Moved` header.
 ///
+/// A run after a crash recognises where the last one stopped: the old area
+/// still `Active` (start over), `Moved` here with no or torn headers here
+/// (steps 2 to 4 again), or the new area complete with the old one not yet
+/// overwritten (step 4 only). Torn headers at the new offset with no old
+/// area moved there are refused as `Corrupt`.
+///
 /// The filesystem is not touched. Nodes whose kernel still sees the old size
-/// get `Moved` from [`open_area`] until they re-read the size.
+/// get `Moved` from [`open_area`] until they re-read the size; a daemon
+/// already running on the old area must notice the `Moved` header (or the
+/// unreadable owner record) and stop using it.
 pub fn grow_area<D: DeviceIo + ?Sized>(
     dev: &D,
     opts: &GrowOptions,
 ) -> Result<GrowReport, DiskError> {
     let new = expected_offset(dev)?;
     let path = path_of(dev);
+    let mut only_moved = false;
     match read_verdict(dev, new)? {
         Verdict::NotFormatted => {}
+        // Torn new headers: only a grow that stopped half-way (an old area
+        // moved here) may overwrite them.
+        Verdict::Corrupt { .. } => only_moved = true,
         Verdict::Active { header, .. } => {
             // Already moved; finish step 4 if a grow stopped before it.
             // Look where a first grow left it (fs_bytes) and nearby only: a full
@@ -699,7 +725,10 @@ pub fn grow_area<D: DeviceIo + ?Sized>(
             if let Found::Area { at, header: old } =
                 find_old_area(dev, new, limit, Some(header.fs_bytes))?
             {
-                if old.state == AreaState::Moved && old.volume_id == header.volume_id {
+                if old.state == AreaState::Moved
+                    && old.volume_id == header.volume_id
+                    && !is_tombstoned(dev, at, &old)?
+                {
                     tombstone(dev, at, &old)?;
                     return Ok(GrowReport {
                         old_offset: at,
@@ -716,6 +745,9 @@ pub fn grow_area<D: DeviceIo + ?Sized>(
     }
 
     let (old_at, old) = match find_old_area(dev, new, opts.search_bytes, opts.old_offset)? {
+        Found::Area { header, .. } if only_moved && header.state != AreaState::Moved => {
+            return Err(verdict_error(dev, new, read_verdict(dev, new)?));
+        }
         Found::Area { at, header } => (at, header),
         Found::Nothing {
             corrupt: Some((at, which, reason)),
@@ -757,11 +789,10 @@ pub fn grow_area<D: DeviceIo + ?Sized>(
         moved_to: new,
         ..old.clone()
     };
-    if !resumed {
-        let block = moved.encode();
-        write_blocks(dev, block_offset(old_at, HEADER_A_BLOCK), &[block])?;
-        write_blocks(dev, block_offset(old_at, HEADER_B_BLOCK), &[block])?;
-    }
+    // Also when resuming: an earlier run may have torn one copy.
+    let block = moved.encode();
+    write_blocks(dev, block_offset(old_at, HEADER_A_BLOCK), &[block])?;
+    write_blocks(dev, block_offset(old_at, HEADER_B_BLOCK), &[block])?;
     let body = read_body(dev, old_at, old.max_slots)?;
     let (owner, slots) = snap(&body);
     if let Err(reason) = check_authority(opts.authority, &owner, &slots) {
@@ -800,8 +831,619 @@ pub fn grow_area<D: DeviceIo + ?Sized>(
     })
 }
 
+/// Whether blocks 1..=254 of the area at `at` all hold its `Moved` header.
+fn is_tombstoned<D: DeviceIo + ?Sized>(
+    dev: &D,
+    at: u64,
+    moved: &Header,
+) -> Result<bool, DiskError> {
+    let want = moved.encode();
+    let body = dev.read_at(
+        block_offset(at, OWNER_BLOCK),
+        (HEADER_B_BLOCK - OWNER_BLOCK) as usize * BLOCK,
+    )?;
+    Ok(body.to_blocks().iter().all(|b| *b == want))
+}
+
 /// Fills blocks 1..=254 of the old area with its `Moved` header.
 fn tombstone<D: DeviceIo + ?Sized>(dev: &D, at: u64, moved: &Header) -> Result<(), DiskError> {
     let body = vec![moved.encode(); (HEADER_B_BLOCK - OWNER_BLOCK) as usize];
     write_blocks(dev, block_offset(at, OWNER_BLOCK), &body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::device::MemDevice;
+    use std::cell::Cell;
+
+    const SLOTS: u16 = 8;
+
+    fn params() -> Params {
+        Params::default()
+    }
+
+    fn ceiling() -> u32 {
+        params().host_dead_ms() as u32
+    }
+
+    fn format(dev: &MemDevice) -> AreaInfo {
+        format_area(dev, SLOTS, params(), [7u8; 16], ceiling()).expect("format")
+    }
+
+    fn slot(index: u16, state: SlotState, generation: u64) -> Slot {
+        Slot {
+            index,
+            state,
+            name: format!("node-{index}"),
+            nonce: 100 + index as u64,
+            seq: 1,
+            generation,
+            max_generation_seen: generation,
+            params: params(),
+        }
+    }
+
+    fn put(dev: &MemDevice, at: u64, block: u64, data: &Block) {
+        dev.write_at(block_offset(at, block), &AlignedBuf::from_block(data))
+            .expect("write");
+    }
+
+    fn get(dev: &MemDevice, at: u64, block: u64) -> Block {
+        read_block(dev, block_offset(at, block)).expect("read")
+    }
+
+    /// Header copy with its first `sectors` 512-byte sectors replaced by those
+    /// of a different valid header: a torn rewrite.
+    fn torn(header: &Header, sectors: usize) -> Block {
+        let mut other = header.clone();
+        other.state = AreaState::Moved;
+        other.moved_to = header.area_offset + MIB;
+        let mut b = header.encode();
+        b[..sectors * 512].copy_from_slice(&other.encode()[..sectors * 512]);
+        b
+    }
+
+    #[test]
+    fn area_offset_follows_the_device_size() {
+        assert_eq!(area_offset_for(MIN_DEVICE_BYTES - 1), None);
+        assert_eq!(area_offset_for(MIN_DEVICE_BYTES), Some(16 * MIB));
+        assert_eq!(area_offset_for(MIN_DEVICE_BYTES + 4095), Some(16 * MIB));
+        assert_eq!(area_offset_for(100 * MIB + 123), Some(99 * MIB));
+        assert_eq!(area_offset_for(1 << 40), Some((1 << 40) - MIB));
+        assert_eq!(AREA_BLOCKS, 256);
+        assert_eq!(MAX_SLOTS, 253);
+        assert_eq!(slot_block(MAX_SLOTS - 1), HEADER_B_BLOCK - 1);
+    }
+
+    #[test]
+    fn format_then_open_and_snapshot() {
+        let dev = MemDevice::with_sectors(64 * MIB + 512, 512, 4096);
+        let info = format(&dev);
+        assert_eq!(info.area_offset, 63 * MIB);
+        assert_eq!(info.header.fs_bytes, 63 * MIB);
+        assert_eq!(info.header.logical_sector, 512);
+        assert_eq!(info.header.physical_sector, 4096);
+        assert_eq!(open_area(&dev).expect("open"), info);
+        assert_eq!(
+            get(&dev, info.area_offset, 0),
+            get(&dev, info.area_offset, 255)
+        );
+
+        let snap = read_area_snapshot(&dev).expect("snapshot");
+        assert_eq!(snap.owner, Decoded::Valid(Owner::free(params())));
+        assert_eq!(snap.slots, vec![Decoded::Empty; SLOTS as usize]);
+        assert_eq!(snap.info, info);
+    }
+
+    #[test]
+    fn format_refuses_bad_arguments_and_small_devices() {
+        let dev = MemDevice::new(64 * MIB);
+        let f = |slots, p, c| format_area(&dev, slots, p, [0; 16], c);
+        assert!(matches!(
+            f(0, params(), ceiling()),
+            Err(DiskError::BadMaxSlots { .. })
+        ));
+        assert!(matches!(
+            f(254, params(), ceiling()),
+            Err(DiskError::BadMaxSlots { .. })
+        ));
+        assert!(f(253, params(), ceiling()).is_ok());
+        let bad = Params {
+            lease_timeout_ms: 1,
+            ..params()
+        };
+        assert!(matches!(f(8, bad, ceiling()), Err(DiskError::BadParams(_))));
+        assert!(matches!(
+            f(8, params(), ceiling() - 1),
+            Err(DiskError::BadHostDeadCeiling { .. })
+        ));
+        let small = MemDevice::new(MIN_DEVICE_BYTES - 4096);
+        let e = format_area(&small, 8, params(), [0; 16], ceiling()).unwrap_err();
+        assert!(matches!(
+            e,
+            DiskError::TooSmall {
+                min: MIN_DEVICE_BYTES,
+                ..
+            }
+        ));
+        assert!(
+            e.to_string().contains("at least 17825792 bytes (17 MiB"),
+            "{e}"
+        );
+        assert!(matches!(open_area(&small), Err(DiskError::TooSmall { .. })));
+    }
+
+    #[test]
+    fn header_copy_a_torn_is_degraded_and_repairable() {
+        let dev = MemDevice::new(64 * MIB);
+        let info = format(&dev);
+        for sectors in 1..8 {
+            put(
+                &dev,
+                info.area_offset,
+                HEADER_A_BLOCK,
+                &torn(&info.header, sectors),
+            );
+            let got = open_area(&dev).expect("one copy left");
+            assert_eq!(got.header, info.header);
+            let d = got.degraded.expect("degraded");
+            assert_eq!(d.which, HeaderCopy::A);
+            assert!(d.reason.contains("checksum"), "{}", d.reason);
+        }
+        assert_eq!(repair_header(&dev).expect("repair"), Some(HeaderCopy::A));
+        assert_eq!(open_area(&dev).expect("open"), info);
+        assert_eq!(repair_header(&dev).expect("repair"), None);
+    }
+
+    #[test]
+    fn header_copy_b_torn_or_missing_is_degraded() {
+        let dev = MemDevice::new(64 * MIB);
+        let info = format(&dev);
+        put(
+            &dev,
+            info.area_offset,
+            HEADER_B_BLOCK,
+            &torn(&info.header, 4),
+        );
+        let d = open_area(&dev).expect("open").degraded.expect("degraded");
+        assert_eq!(d.which, HeaderCopy::B);
+        put(&dev, info.area_offset, HEADER_B_BLOCK, &[0u8; BLOCK]);
+        let d = open_area(&dev).expect("open").degraded.expect("degraded");
+        assert_eq!((d.which, d.reason.as_str()), (HeaderCopy::B, "all zeros"));
+        assert_eq!(repair_header(&dev).expect("repair"), Some(HeaderCopy::B));
+        assert_eq!(open_area(&dev).expect("open").degraded, None);
+    }
+
+    #[test]
+    fn both_copies_torn_is_corrupt_not_unformatted() {
+        let dev = MemDevice::new(64 * MIB);
+        let info = format(&dev);
+        put(
+            &dev,
+            info.area_offset,
+            HEADER_A_BLOCK,
+            &torn(&info.header, 1),
+        );
+        put(
+            &dev,
+            info.area_offset,
+            HEADER_B_BLOCK,
+            &torn(&info.header, 7),
+        );
+        let e = open_area(&dev).unwrap_err();
+        match &e {
+            DiskError::Corrupt { which, offset, .. } => {
+                assert_eq!(*which, HeaderCopy::Both);
+                assert_eq!(*offset, info.area_offset);
+            }
+            e => panic!("{e:?}"),
+        }
+        assert!(e.to_string().contains("damaged"), "{e}");
+        // One torn copy and one zeroed: still corrupt, naming the torn copy.
+        put(&dev, info.area_offset, HEADER_B_BLOCK, &[0u8; BLOCK]);
+        assert!(matches!(
+            open_area(&dev),
+            Err(DiskError::Corrupt {
+                which: HeaderCopy::A,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn zeros_and_foreign_data_are_not_formatted() {
+        let dev = MemDevice::new(64 * MIB);
+        let e = open_area(&dev).unwrap_err();
+        assert!(matches!(e, DiskError::NotFormatted { offset, .. } if offset == 63 * MIB));
+        assert!(e.to_string().contains("blockfence format"), "{e}");
+        dev.poke(63 * MIB, &[0xAB; BLOCK]);
+        dev.poke(64 * MIB - 4096, b"some filesystem data");
+        assert!(matches!(
+            open_area(&dev),
+            Err(DiskError::NotFormatted { .. })
+        ));
+        // A slot record where a header should be is foreign too.
+        put(&dev, 63 * MIB, 0, &slot(0, SlotState::Idle, 0).encode());
+        assert!(matches!(
+            open_area(&dev),
+            Err(DiskError::NotFormatted { .. })
+        ));
+    }
+
+    #[test]
+    fn intact_copies_that_disagree_are_refused() {
+        let dev = MemDevice::new(64 * MIB);
+        let info = format(&dev);
+        let other = Header {
+            max_slots: 9,
+            ..info.header.clone()
+        };
+        put(&dev, info.area_offset, HEADER_B_BLOCK, &other.encode());
+        assert!(matches!(
+            open_area(&dev),
+            Err(DiskError::HeaderMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn a_header_read_at_the_wrong_offset_or_from_a_newer_version_is_damaged() {
+        let dev = MemDevice::new(64 * MIB);
+        let info = format(&dev);
+        let elsewhere = Header {
+            area_offset: info.area_offset - MIB,
+            fs_bytes: info.area_offset - MIB,
+            ..info.header.clone()
+        };
+        put(&dev, info.area_offset, HEADER_A_BLOCK, &elsewhere.encode());
+        let d = open_area(&dev).expect("open").degraded.expect("degraded");
+        assert!(d.reason.contains("records area offset"), "{}", d.reason);
+
+        let mut newer = info.header.encode();
+        newer[4] = 2;
+        let crc = crc32c::crc32c(&newer[..BLOCK - 4]);
+        newer[BLOCK - 4..].copy_from_slice(&crc.to_le_bytes());
+        put(&dev, info.area_offset, HEADER_B_BLOCK, &newer);
+        match open_area(&dev) {
+            Err(DiskError::Corrupt { reason, .. }) => {
+                assert!(reason.contains("newer"), "{reason}")
+            }
+            r => panic!("{r:?}"),
+        }
+    }
+
+    #[test]
+    fn a_moved_area_tells_where_it_went() {
+        let dev = MemDevice::new(64 * MIB);
+        let info = format(&dev);
+        let moved = Header {
+            state: AreaState::Moved,
+            moved_to: 127 * MIB,
+            ..info.header.clone()
+        };
+        // Copy A marked, copy B not yet: a grow stopped in between.
+        put(&dev, info.area_offset, HEADER_A_BLOCK, &moved.encode());
+        let e = open_area(&dev).unwrap_err();
+        assert!(
+            matches!(e, DiskError::Moved { moved_to, .. } if moved_to == 127 * MIB),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("re-read the device size"), "{e}");
+    }
+
+    fn grown_device(from: u64, to: u64) -> (MemDevice, AreaInfo) {
+        let dev = MemDevice::new(from);
+        let info = format(&dev);
+        put(
+            &dev,
+            info.area_offset,
+            slot_block(2),
+            &slot(2, SlotState::Idle, 0).encode(),
+        );
+        dev.set_size(to);
+        (dev, info)
+    }
+
+    fn check_grown(dev: &MemDevice, old: &AreaInfo, report: &GrowReport) {
+        let new = open_area(dev).expect("open after grow");
+        assert_eq!(new.area_offset, area_offset_for(dev.size_bytes()).unwrap());
+        assert_eq!(report.new_offset, new.area_offset);
+        assert_eq!(report.old_offset, old.area_offset);
+        assert_eq!(new.header.fs_bytes, old.header.fs_bytes);
+        assert_eq!(new.header.volume_id, old.header.volume_id);
+        assert_eq!(report.fs_max_bytes, new.area_offset);
+        let snap = read_area_snapshot(dev).expect("snapshot");
+        assert_eq!(snap.slots[2], Decoded::Valid(slot(2, SlotState::Idle, 0)));
+        assert_eq!(snap.owner, Decoded::Valid(Owner::free(params())));
+        // The old area: headers moved, owner and slots no longer readable.
+        for b in [HEADER_A_BLOCK, HEADER_B_BLOCK] {
+            let h = Header::decode(&get(dev, old.area_offset, b));
+            let h = h.valid().expect("old header intact");
+            assert_eq!((h.state, h.moved_to), (AreaState::Moved, new.area_offset));
+        }
+        assert_eq!(
+            Owner::decode(&get(dev, old.area_offset, OWNER_BLOCK)),
+            Decoded::Corrupt(CorruptReason::BadMagic)
+        );
+        assert!(matches!(
+            Slot::decode(&get(dev, old.area_offset, slot_block(2))),
+            Decoded::Corrupt(CorruptReason::BadMagic)
+        ));
+    }
+
+    #[test]
+    fn grow_moves_the_area_and_marks_the_old_one() {
+        let (dev, old) = grown_device(64 * MIB, 200 * MIB + 4096);
+        let e = open_area(&dev).unwrap_err();
+        assert!(
+            matches!(e, DiskError::DeviceGrown { old_offset, new_offset, .. }
+                if old_offset == 63 * MIB && new_offset == 199 * MIB),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("blockfence grow mem:device"), "{e}");
+
+        let report = grow_area(&dev, &GrowOptions::default()).expect("grow");
+        assert!(!report.resumed);
+        check_grown(&dev, &old, &report);
+        assert_eq!(
+            report.resize2fs_command(Path::new("/dev/sdx")),
+            format!("resize2fs /dev/sdx {}K", 199 * 1024)
+        );
+        // Grow again: nothing to do.
+        assert!(matches!(
+            grow_area(&dev, &GrowOptions::default()),
+            Err(DiskError::NothingToGrow { .. })
+        ));
+        // And twice: the second grow finds the area of the first.
+        dev.set_size(300 * MIB);
+        let first = open_area_at_for_test(&dev, 199 * MIB);
+        let report = grow_area(&dev, &GrowOptions::default()).expect("grow");
+        assert_eq!(report.old_offset, 199 * MIB);
+        assert_eq!(report.fs_bytes, 63 * MIB);
+        check_grown(&dev, &first, &report);
+    }
+
+    fn open_area_at_for_test(dev: &MemDevice, at: u64) -> AreaInfo {
+        match read_verdict(dev, at).expect("read") {
+            Verdict::Active { header, degraded } => AreaInfo {
+                device: path_of(dev),
+                device_size: dev.size_bytes(),
+                area_offset: at,
+                header,
+                degraded,
+            },
+            v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn grow_far_searches_within_its_bound_or_uses_a_hint() {
+        let (dev, old) = grown_device(64 * MIB, 300 << 30);
+        // Beyond open_area's search: reported as not formatted.
+        assert!(matches!(
+            open_area(&dev),
+            Err(DiskError::NotFormatted { .. })
+        ));
+        let tight = GrowOptions {
+            search_bytes: 1 << 30,
+            ..GrowOptions::default()
+        };
+        assert!(matches!(
+            grow_area(&dev, &tight),
+            Err(DiskError::OldAreaNotFound { .. })
+        ));
+        let hinted = GrowOptions {
+            old_offset: Some(old.area_offset),
+            ..tight.clone()
+        };
+        let report = grow_area(&dev, &hinted).expect("grow with hint");
+        check_grown(&dev, &old, &report);
+
+        // The default bound finds it by searching.
+        let (dev, old) = grown_device(64 * MIB, 300 << 30);
+        let report = grow_area(&dev, &GrowOptions::default()).expect("grow");
+        check_grown(&dev, &old, &report);
+    }
+
+    #[test]
+    fn grow_finds_the_old_area_at_the_end_of_an_ext4_filesystem() {
+        let (dev, old) = grown_device(64 * MIB, 300 << 30);
+        // A minimal ext4 superblock: 4 KiB blocks filling fs_bytes.
+        let mut sb = [0u8; 1024];
+        sb[0x04..0x08].copy_from_slice(&((old.header.fs_bytes / 4096) as u32).to_le_bytes());
+        sb[0x18..0x1c].copy_from_slice(&2u32.to_le_bytes());
+        sb[0x38..0x3a].copy_from_slice(&0xEF53u16.to_le_bytes());
+        dev.poke(1024, &sb);
+        let opts = GrowOptions {
+            search_bytes: 0,
+            ..GrowOptions::default()
+        };
+        let report = grow_area(&dev, &opts).expect("grow");
+        check_grown(&dev, &old, &report);
+    }
+
+    #[test]
+    fn grow_is_refused_while_someone_holds_or_claims() {
+        let (dev, old) = grown_device(64 * MIB, 128 * MIB);
+        let at = old.area_offset;
+        put(
+            &dev,
+            at,
+            slot_block(1),
+            &slot(1, SlotState::Hold, 5).encode(),
+        );
+        let holder = Owner {
+            state: OwnerState::Held,
+            holder_slot: 1,
+            holder_name: "node-1".into(),
+            holder_nonce: 101,
+            generation: 5,
+            params: params(),
+        };
+        put(&dev, at, OWNER_BLOCK, &holder.encode());
+        let e = grow_area(&dev, &GrowOptions::default()).unwrap_err();
+        assert!(matches!(e, DiskError::GrowRefused { .. }), "{e:?}");
+        assert!(e.to_string().contains("held by slot 1"), "{e}");
+        // Nothing was changed.
+        assert!(matches!(
+            open_area(&dev),
+            Err(DiskError::DeviceGrown { .. })
+        ));
+
+        let wrong = GrowOptions {
+            authority: GrowAuthority::Holder {
+                slot: 1,
+                generation: 4,
+            },
+            ..GrowOptions::default()
+        };
+        assert!(matches!(
+            grow_area(&dev, &wrong),
+            Err(DiskError::GrowRefused { .. })
+        ));
+
+        // Another node claiming: refused even for the holder.
+        put(
+            &dev,
+            at,
+            slot_block(3),
+            &slot(3, SlotState::Claim, 6).encode(),
+        );
+        let as_holder = GrowOptions {
+            authority: GrowAuthority::Holder {
+                slot: 1,
+                generation: 5,
+            },
+            ..GrowOptions::default()
+        };
+        let e = grow_area(&dev, &as_holder).unwrap_err();
+        assert!(e.to_string().contains("slot 3"), "{e}");
+        put(
+            &dev,
+            at,
+            slot_block(3),
+            &slot(3, SlotState::Idle, 0).encode(),
+        );
+        let report = grow_area(&dev, &as_holder).expect("holder may grow");
+        let snap = read_area_snapshot(&dev).expect("snapshot");
+        assert_eq!(snap.owner, Decoded::Valid(holder));
+        assert_eq!(snap.slots[1], Decoded::Valid(slot(1, SlotState::Hold, 5)));
+        assert_eq!(report.old_offset, at);
+    }
+
+    #[test]
+    fn force_grows_over_a_stale_hold() {
+        let (dev, old) = grown_device(64 * MIB, 128 * MIB);
+        put(&dev, old.area_offset, slot_block(0), &torn(&old.header, 3));
+        assert!(grow_area(&dev, &GrowOptions::default()).is_err());
+        let force = GrowOptions {
+            authority: GrowAuthority::Force,
+            ..GrowOptions::default()
+        };
+        grow_area(&dev, &force).expect("forced grow");
+        assert!(open_area(&dev).is_ok());
+    }
+
+    /// A device that fails every write after the first `budget` (the failing
+    /// one lands half-way): a crash at any point of a multi-write operation.
+    struct Crashing {
+        dev: MemDevice,
+        budget: Cell<Option<usize>>,
+    }
+
+    impl DeviceIo for Crashing {
+        fn path(&self) -> &Path {
+            self.dev.path()
+        }
+        fn size_bytes(&self) -> u64 {
+            self.dev.size_bytes()
+        }
+        fn logical_sector(&self) -> u32 {
+            self.dev.logical_sector()
+        }
+        fn physical_sector(&self) -> u32 {
+            self.dev.physical_sector()
+        }
+        fn read_at(&self, offset: u64, len: usize) -> Result<AlignedBuf, DiskError> {
+            self.dev.read_at(offset, len)
+        }
+        fn write_at(&self, offset: u64, buf: &AlignedBuf) -> Result<(), DiskError> {
+            match self.budget.get() {
+                Some(0) => {
+                    // Half of it lands (at least one sector).
+                    let half = (buf.len() / 2).max(512);
+                    self.dev.poke(offset, &buf.as_slice()[..half]);
+                    Err(DiskError::Injected {
+                        path: self.dev.path().to_path_buf(),
+                        what: "crash",
+                    })
+                }
+                Some(n) => {
+                    self.budget.set(Some(n - 1));
+                    self.dev.write_at(offset, buf)
+                }
+                None => self.dev.write_at(offset, buf),
+            }
+        }
+    }
+
+    #[test]
+    fn a_grow_interrupted_at_any_write_is_finished_by_running_grow_again() {
+        let mut crash_points = 0;
+        for budget in 0.. {
+            let (dev, old) = grown_device(64 * MIB, 128 * MIB);
+            let crashing = Crashing {
+                dev: dev.clone(),
+                budget: Cell::new(Some(budget)),
+            };
+            if grow_area(&crashing, &GrowOptions::default()).is_ok() {
+                break;
+            }
+            crash_points += 1;
+            // Never two active areas: the new one is either absent (grow
+            // needed) or complete, and the old one opens as active only if it
+            // was not touched yet.
+            match open_area(&dev) {
+                Ok(_) | Err(DiskError::DeviceGrown { .. }) => {}
+                Err(e) => panic!("after {budget} writes: {e:?}"),
+            }
+            let new_active = open_area(&dev).is_ok();
+            let old_active = matches!(
+                read_verdict(&dev, old.area_offset).expect("read"),
+                Verdict::Active { .. }
+            );
+            assert!(
+                !(new_active && old_active),
+                "two active areas after {budget}"
+            );
+
+            let report = grow_area(&dev, &GrowOptions::default())
+                .unwrap_or_else(|e| panic!("resume after {budget} writes: {e:?}"));
+            check_grown(&dev, &old, &report);
+        }
+        // Marks A, B; body; header B, A; tombstone: 6 writes.
+        assert_eq!(crash_points, 6);
+    }
+
+    #[test]
+    fn an_interrupted_format_is_never_taken_for_a_damaged_area() {
+        for budget in 0..3 {
+            let dev = MemDevice::new(64 * MIB);
+            let crashing = Crashing {
+                dev: dev.clone(),
+                budget: Cell::new(Some(budget)),
+            };
+            assert!(format_area(&crashing, SLOTS, params(), [1; 16], ceiling()).is_err());
+            match (budget, open_area(&dev)) {
+                // Body written (half), no header: nothing there.
+                (0, Err(DiskError::NotFormatted { .. })) => {}
+                // Header B half-written: damaged, and nothing else claims to be
+                // an area.
+                (1, Err(DiskError::Corrupt { .. })) => {}
+                // B written, A torn: usable, degraded.
+                (2, Ok(info)) => assert!(info.degraded.is_some()),
+                (b, r) => panic!("after {b} writes: {r:?}"),
+            }
+        }
+    }
 }
