@@ -182,9 +182,9 @@ pub enum DiskError {
     #[error(
         "the lease area on {path} at offset {offset} was moved to offset {moved_to} by \
          `blockfence grow`, but this node sees the device as {device_size} bytes. Make \
-         the kernel re-read the device size (for example `blockdev --rereadpt`, \
-         `echo 1 > /sys/block/DEV/device/rescan`, or `losetup -c` for a loop device) and \
-         retry"
+         the kernel re-read the device size (for example `echo 1 > \
+         /sys/class/block/DEV/device/rescan` for SCSI, `nvme ns-rescan` for NVMe, \
+         `losetup -c DEV` for a loop device) and retry"
     )]
     Moved {
         path: PathBuf,
