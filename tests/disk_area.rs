@@ -326,12 +326,13 @@ fn two_loop_devices_over_one_image_see_each_others_writes_at_once() {
     // Node A with 512-byte sectors, node B with 4096: one disk, two views.
     let lo_a = Loop::attach(&image, &[]);
     let lo_b = Loop::attach(&image, &["--sector-size", "4096"]);
-    let dev_a = lo_a.open();
+    // One handle shared by the area code and node A's worker.
+    let dev_a = std::sync::Arc::new(lo_a.open());
     let info = format(&dev_a);
     let info_b = open_area(&lo_b.open()).expect("B opens A's area");
     assert_eq!(info_b.header, info.header);
 
-    let a = IoWorker::spawn("a", AreaStore::for_area(lo_a.open(), &info)).expect("worker a");
+    let a = IoWorker::spawn("a", AreaStore::for_area(dev_a.clone(), &info)).expect("worker a");
     let b = IoWorker::spawn("b", AreaStore::for_area(lo_b.open(), &info_b)).expect("worker b");
     let deadline = || Instant::now() + Duration::from_secs(10);
     for seq in 1..=50u64 {

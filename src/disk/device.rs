@@ -39,6 +39,32 @@ pub trait DeviceIo {
     }
 }
 
+/// Shared handles: one device opened once, used by the area code and by an
+/// [`AreaStore`](crate::disk::store::AreaStore) on a worker thread.
+impl<T: DeviceIo + ?Sized> DeviceIo for Arc<T> {
+    fn path(&self) -> &Path {
+        (**self).path()
+    }
+    fn size_bytes(&self) -> u64 {
+        (**self).size_bytes()
+    }
+    fn logical_sector(&self) -> u32 {
+        (**self).logical_sector()
+    }
+    fn physical_sector(&self) -> u32 {
+        (**self).physical_sector()
+    }
+    fn read_at(&self, offset: u64, len: usize) -> Result<AlignedBuf, DiskError> {
+        (**self).read_at(offset, len)
+    }
+    fn write_at(&self, offset: u64, buf: &AlignedBuf) -> Result<(), DiskError> {
+        (**self).write_at(offset, buf)
+    }
+    fn io_align(&self) -> u32 {
+        (**self).io_align()
+    }
+}
+
 /// Checks an I/O against the device's alignment and size.
 pub fn check_io<D: DeviceIo + ?Sized>(dev: &D, offset: u64, len: usize) -> Result<(), DiskError> {
     let align = dev.io_align();

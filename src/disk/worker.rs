@@ -107,7 +107,9 @@ impl Ticket {
         self.id
     }
 
-    /// When the request was submitted: an upper bound on when it started.
+    /// When the request was submitted, taken before it was queued: the I/O
+    /// started no earlier. A holder that counts its lease from this instant
+    /// counts conservatively (its lease ends no later than it thinks).
     pub fn submitted_at(&self) -> Instant {
         self.submitted_at
     }
@@ -188,6 +190,7 @@ impl IoWorker {
             Request::Write { .. } => "write",
         };
         let (reply, rx) = mpsc::sync_channel(1);
+        let submitted_at = Instant::now();
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
         self.pending.fetch_add(1, Ordering::SeqCst);
         if self.tx.send(Job { req, reply }).is_err() {
@@ -198,7 +201,7 @@ impl IoWorker {
         Ticket {
             id,
             kind,
-            submitted_at: Instant::now(),
+            submitted_at,
             rx,
         }
     }
