@@ -23,6 +23,8 @@ pub mod area;
 pub mod blockdev;
 pub mod device;
 pub mod error;
+pub mod probe;
+pub mod runner;
 pub mod store;
 pub mod worker;
 

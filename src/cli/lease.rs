@@ -1,0 +1,101 @@
+//! `blockfence lease acquire`: take, hold and release the lease from a shell.
+
+use crate::cli::exit;
+use crate::core::lease::Event;
+use crate::core::params::Params;
+use crate::disk::runner::{LeaseRunner, Outcome};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Wait for the lease on DEVICE, hold it (renewing) until SIGTERM or SIGINT,
+    /// then release it so that a waiting peer takes over at once.
+    ///
+    /// Prints one JSON object per line on stdout for each event:
+    /// `waiting` (who holds it), `acquired` (with the fencing `generation` and
+    /// `valid_for_ms`), `renew_failed`, `lost` (with a `reason`), `released`.
+    ///
+    /// Exit codes: 0 acquired and then released on a signal; 1 error (bad
+    /// device, unformatted or corrupted area, I/O); 2 bad command line;
+    /// 3 timed out before acquiring; 4 acquired and then lost (expired or
+    /// superseded): whatever wrote under this lease must stop now; 5 stopped by
+    /// a signal before it acquired.
+    Acquire(AcquireArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct AcquireArgs {
+    /// Block device (or image file) formatted by `blockfence format`.
+    pub device: PathBuf,
+    /// This node's name, unique among the nodes sharing the volume.
+    #[arg(long, env = "BLOCKFENCE_NODE_NAME")]
+    pub node: String,
+    /// Give up after this many seconds without the lease (default: wait forever).
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout: Option<f64>,
+    /// Deadline of every lease read and write, in ms (default: the area's).
+    #[arg(long, env = "BLOCKFENCE_IO_TIMEOUT_MS")]
+    pub io_timeout_ms: Option<u32>,
+    /// Time between renewals, in ms (default: the area's).
+    #[arg(long, env = "BLOCKFENCE_RENEW_INTERVAL_MS")]
+    pub renew_interval_ms: Option<u32>,
+    /// Validity after the start of the last good renewal, in ms (default: the area's).
+    #[arg(long, env = "BLOCKFENCE_LEASE_TIMEOUT_MS")]
+    pub lease_timeout_ms: Option<u32>,
+    /// Time the fence may take after expiry, in ms (default: the area's).
+    #[arg(long, env = "BLOCKFENCE_FENCE_TIMEOUT_MS")]
+    pub fence_timeout_ms: Option<u32>,
+}
+
+impl AcquireArgs {
+    fn params(&self, area: Params) -> Params {
+        Params {
+            io_timeout_ms: self.io_timeout_ms.unwrap_or(area.io_timeout_ms),
+            renew_interval_ms: self.renew_interval_ms.unwrap_or(area.renew_interval_ms),
+            lease_timeout_ms: self.lease_timeout_ms.unwrap_or(area.lease_timeout_ms),
+            fence_timeout_ms: self.fence_timeout_ms.unwrap_or(area.fence_timeout_ms),
+        }
+    }
+}
+
+pub fn run(command: Command) -> anyhow::Result<u8> {
+    match command {
+        Command::Acquire(a) => acquire(a),
+    }
+}
+
+fn acquire(args: AcquireArgs) -> anyhow::Result<u8> {
+    let timeout = match args.timeout {
+        Some(t) if !(t.is_finite() && t >= 0.0) => {
+            anyhow::bail!("--timeout must be a number of seconds >= 0 (got {t})")
+        }
+        Some(t) => Some(Duration::from_secs_f64(t)),
+        None => None,
+    };
+    let mut runner = LeaseRunner::open(&args.device, &args.node, |area| args.params(area))?;
+    let stop = runner.stop_flag();
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop)?;
+    let outcome = runner.run(timeout, &mut |now_ms, event| print_event(now_ms, event))?;
+    Ok(match outcome {
+        Outcome::Released => exit::OK,
+        Outcome::TimedOut => exit::TIMED_OUT,
+        Outcome::Lost => exit::LOST,
+        Outcome::Interrupted => exit::INTERRUPTED,
+    })
+}
+
+/// One JSON line per event; times are durations on this node's clock.
+fn print_event(now_ms: u64, event: &Event) {
+    let mut value = match serde_json::to_value(event) {
+        Ok(v) => v,
+        Err(_) => return,
+    };
+    if let serde_json::Value::Object(map) = &mut value {
+        if let Some(until) = map.remove("valid_until").and_then(|v| v.as_u64()) {
+            map.insert("valid_for_ms".into(), until.saturating_sub(now_ms).into());
+        }
+    }
+    println!("{value}");
+}
