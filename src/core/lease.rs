@@ -36,11 +36,16 @@
 //! completes (the runtime cannot cancel it).
 
 use crate::core::params::Params;
-use crate::core::record::{Block, Decoded, Owner, OwnerState, Slot, SlotState, BLOCK};
+use crate::core::record::{
+    AreaState, Block, Decoded, Header, Owner, OwnerState, Slot, SlotState, BLOCK,
+};
 
 /// A point on the node's own monotonic clock, in milliseconds.
 pub type Millis = u64;
 
+/// Area block of header copy A, re-read with every scan so that a node never
+/// goes on using an area that was moved (`grow`) or replaced (`format`).
+pub const HEADER_BLOCK: u64 = 0;
 /// Area block of the owner record.
 pub const OWNER_BLOCK: u64 = 1;
 /// Area block of slot 0.
@@ -53,6 +58,9 @@ pub struct Layout {
     pub max_slots: u16,
     /// The longest `host_dead` any node may use here; the join wait.
     pub host_dead_ceiling_ms: u64,
+    /// The volume id in the header; any other header means the area moved or
+    /// was replaced.
+    pub volume_id: [u8; 16],
 }
 
 /// Who this node is.
@@ -108,6 +116,9 @@ pub enum LostReason {
     Expired,
     /// The owner record names another holder with a newer generation.
     Superseded { by: String, generation: u64 },
+    /// The area header changed under the holder (moved by `grow --force`, or
+    /// reformatted, or damaged).
+    AreaChanged { detail: String },
 }
 
 /// Events for the caller.
@@ -321,8 +332,24 @@ impl LeaseMachine {
 
     fn read_all(&self) -> Action {
         Action::Read {
-            first_block: OWNER_BLOCK,
-            count: 1 + self.layout.max_slots as usize,
+            first_block: HEADER_BLOCK,
+            count: 2 + self.layout.max_slots as usize,
+        }
+    }
+
+    /// Why header block `b` is not the header this machine was started on.
+    fn header_problem(&self, b: &Block) -> Option<String> {
+        match Header::decode(b) {
+            Decoded::Valid(h) if h.volume_id != self.layout.volume_id => Some(
+                "the lease area was replaced (another volume id): it was formatted again".into(),
+            ),
+            Decoded::Valid(h) if h.state == AreaState::Moved => Some(format!(
+                "the lease area moved to byte {} (`blockfence grow`): open the device again",
+                h.moved_to
+            )),
+            Decoded::Valid(_) => None,
+            Decoded::Empty => Some("the lease area header was erased".into()),
+            Decoded::Corrupt(r) => Some(format!("the lease area header became unreadable ({r})")),
         }
     }
 
@@ -492,8 +519,8 @@ impl LeaseMachine {
                         now,
                         Op::OwnerCheck,
                         Action::Read {
-                            first_block: OWNER_BLOCK,
-                            count: 1,
+                            first_block: HEADER_BLOCK,
+                            count: 2,
                         },
                         out,
                     );
@@ -554,10 +581,12 @@ impl LeaseMachine {
             }
         };
         if p.op == Op::OwnerCheck {
-            self.check_owner(blocks.first(), out);
+            if blocks.len() == 2 {
+                self.check_owner(&blocks[0], &blocks[1], out);
+            }
             return;
         }
-        if blocks.len() != 1 + self.layout.max_slots as usize {
+        if blocks.len() != 2 + self.layout.max_slots as usize {
             // The runtime returned the wrong shape: treat as a failed read.
             self.next_poll = now + self.me.params.poll_interval_ms();
             if p.op == Op::VerifyRead && self.mode == Mode::Seeking {
@@ -565,7 +594,18 @@ impl LeaseMachine {
             }
             return;
         }
-        self.observe(now, &blocks);
+        if let Some(error) = self.header_problem(&blocks[0]) {
+            // Never go on in an area that is no longer the volume's.
+            if self.mode == Mode::Seeking && p.op == Op::VerifyRead {
+                self.withdraw(now, out);
+            } else {
+                self.mode = Mode::Idle;
+            }
+            self.want = false;
+            out.push(Action::Emit(Event::Failed { error }));
+            return;
+        }
+        self.observe(now, &blocks[1..]);
         match (p.op, self.mode) {
             (Op::ScanRead, Mode::Seeking) => self.evaluate(now, p.issued, out),
             (
@@ -603,11 +643,19 @@ impl LeaseMachine {
         }
     }
 
-    fn check_owner(&mut self, block: Option<&Block>, out: &mut Vec<Action>) {
+    fn check_owner(&mut self, header: &Block, block: &Block, out: &mut Vec<Action>) {
         if self.mode != Mode::Holding {
             return;
         }
-        let Some(Decoded::Valid(owner)) = block.map(Owner::decode) else {
+        if let Some(detail) = self.header_problem(header) {
+            self.mode = Mode::Lost;
+            out.push(Action::Emit(Event::Lost {
+                generation: self.generation,
+                reason: LostReason::AreaChanged { detail },
+            }));
+            return;
+        }
+        let Decoded::Valid(owner) = Owner::decode(block) else {
             return;
         };
         let other = owner.holder_nonce != self.me.nonce || owner.holder_name != self.me.name;
@@ -788,6 +836,7 @@ mod tests {
     impl Disk {
         fn new(slots: u16) -> Disk {
             let mut blocks = vec![[0u8; BLOCK]; 2 + slots as usize];
+            blocks[HEADER_BLOCK as usize] = header(slots).encode();
             blocks[OWNER_BLOCK as usize] = Owner::free(Params::default()).encode();
             Disk { blocks }
         }
@@ -813,10 +862,29 @@ mod tests {
         }
     }
 
+    const VOLUME: [u8; 16] = [7; 16];
+
+    fn header(slots: u16) -> Header {
+        Header {
+            area_offset: 1 << 30,
+            area_size: 1 << 20,
+            max_slots: slots,
+            state: AreaState::Active,
+            moved_to: 0,
+            volume_id: VOLUME,
+            logical_sector: 512,
+            physical_sector: 512,
+            fs_bytes: 1 << 30,
+            params: Params::default(),
+            host_dead_ceiling_ms: Params::default().host_dead_ms() as u32,
+        }
+    }
+
     fn layout() -> Layout {
         Layout {
             max_slots: 4,
             host_dead_ceiling_ms: Params::default().host_dead_ms(),
+            volume_id: VOLUME,
         }
     }
 
@@ -1015,6 +1083,37 @@ mod tests {
     }
 
     #[test]
+    fn a_moved_area_stops_waiters_and_holders() {
+        let mut disk = Disk::new(4);
+        let mut a = joined("a", 1, &mut disk);
+        let mut b = joined("b", 2, &mut disk);
+        let t0 = 100_000;
+        settle(&mut a, &mut disk, t0, Input::Acquire);
+        settle(&mut b, &mut disk, t0, Input::Acquire);
+        let mut moved = header(4);
+        moved.state = AreaState::Moved;
+        moved.moved_to = 2 << 30;
+        disk.blocks[HEADER_BLOCK as usize] = moved.encode();
+        let ev = settle(&mut b, &mut disk, t0 + 500, Input::Tick);
+        assert!(
+            matches!(&ev[..], [Event::Failed { error }] if error.contains("moved")),
+            "{ev:?}"
+        );
+        assert!(a.holding().is_some(), "a holds");
+        let ev = settle(&mut a, &mut disk, t0 + 1_000, Input::Tick);
+        assert!(
+            matches!(
+                &ev[..],
+                [Event::Lost {
+                    reason: LostReason::AreaChanged { .. },
+                    ..
+                }]
+            ),
+            "{ev:?}"
+        );
+    }
+
+    #[test]
     fn no_free_slot_is_a_clear_failure() {
         let mut disk = Disk::new(1);
         let mut m = LeaseMachine::new(
@@ -1026,6 +1125,7 @@ mod tests {
             Layout {
                 max_slots: 1,
                 host_dead_ceiling_ms: 9_200,
+                volume_id: VOLUME,
             },
         );
         let other = Slot {

@@ -109,6 +109,7 @@ impl LeaseRunner {
             });
         }
         let layout = Layout {
+            volume_id: info.header.volume_id,
             max_slots: info.header.max_slots,
             host_dead_ceiling_ms: ceiling,
         };
