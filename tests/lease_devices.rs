@@ -439,3 +439,51 @@ fn a_corrupted_area_is_refused_with_a_clear_error() {
         assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
     }
 }
+
+/// A takeover from a crashed holder that had the filesystem mounted: with
+/// `--mmp-clean` the new holder finds the MMP block in use (the dead node's
+/// kmmpd stopped mid-sequence), marks it clean, and can mount at once.
+#[test]
+fn mmp_clean_after_a_takeover_from_a_crashed_mounted_holder() {
+    let Some(c) = cluster(&["node-a", "node-b"]) else {
+        return;
+    };
+    let (tx, rx) = channel();
+    let mut log = Vec::new();
+    let mut a = Acquirer::start(c.nodes[0].device(), "node-a", tx.clone(), &[]);
+    wait_for(&rx, &mut log, "node-a", "acquired", Duration::from_secs(30));
+    let dir_a = tempfile::tempdir().expect("mount dir");
+    let dir_b = tempfile::tempdir().expect("mount dir");
+    let dev_a = c.nodes[0].device().to_str().expect("utf-8").to_string();
+    common::run_ok("mount", &[&dev_a, dir_a.path().to_str().expect("utf-8")]).expect("mount on a");
+    std::fs::write(dir_a.path().join("from-a"), b"written by a").expect("write on a");
+    common::run_ok("sync", &[]).expect("sync");
+    // node-a dies with the filesystem mounted: path cut, process killed.
+    c.nodes[0].set_mode(Mode::Eio).expect("cut path");
+    c.nodes[0].crash(&mut a.child).expect("crash a");
+    let (_, mmp) = blockfence::ext4::read_mmp(c.nodes[1].device()).expect("read mmp via b");
+    assert!(
+        matches!(mmp.state(), blockfence::ext4::MmpState::InUse { .. }),
+        "expected an in-use MMP block left by node-a, got {:?}",
+        mmp.state()
+    );
+    let _b = Acquirer::start(c.nodes[1].device(), "node-b", tx.clone(), &["--mmp-clean"]);
+    wait_for(&rx, &mut log, "node-b", "acquired", HOST_DEAD * 3);
+    let cleaned = wait_for(
+        &rx,
+        &mut log,
+        "node-b",
+        "mmp_cleaned",
+        Duration::from_secs(10),
+    );
+    assert_eq!(cleaned.event["previous"]["state"], "in_use", "{cleaned:?}");
+    let (_, mmp) = blockfence::ext4::read_mmp(c.nodes[1].device()).expect("read mmp via b");
+    assert_eq!(mmp.state(), blockfence::ext4::MmpState::Clean);
+    // node-a's dead mount goes away; node-b mounts and sees a's data.
+    let _ = common::run_ok("umount", &["-l", dir_a.path().to_str().expect("utf-8")]);
+    let dev_b = c.nodes[1].device().to_str().expect("utf-8").to_string();
+    common::run_ok("mount", &[&dev_b, dir_b.path().to_str().expect("utf-8")]).expect("mount on b");
+    let data = std::fs::read(dir_b.path().join("from-a"));
+    let _ = common::run_ok("umount", &[dir_b.path().to_str().expect("utf-8")]);
+    assert_eq!(data.expect("a's file on b"), b"written by a");
+}
