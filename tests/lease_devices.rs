@@ -128,6 +128,46 @@ fn wait_for(
     }
 }
 
+/// The events of every acquirer in a test, in arrival order.
+struct Events {
+    tx: Sender<Seen>,
+    rx: Receiver<Seen>,
+    log: Vec<Seen>,
+}
+
+impl Events {
+    fn new() -> Events {
+        let (tx, rx) = channel();
+        Events {
+            tx,
+            rx,
+            log: Vec::new(),
+        }
+    }
+
+    /// Starts `lease acquire` for `node` on its own device.
+    fn start(&self, node: &NodePath, extra: &[&str]) -> Acquirer {
+        Acquirer::start(node.device(), node.name(), self.tx.clone(), extra)
+    }
+
+    fn wait(&mut self, node: &str, kind: &str, timeout: Duration) -> Seen {
+        wait_for(&self.rx, &mut self.log, node, kind, timeout)
+    }
+
+    /// node 0 acquires, then node 1 starts and reports it is waiting.
+    fn holder_and_waiter(
+        &mut self,
+        c: &Cluster,
+        waiter_args: &[&str],
+    ) -> (Acquirer, Seen, Acquirer) {
+        let a = self.start(&c.nodes[0], &[]);
+        let acquired = self.wait(c.nodes[0].name(), "acquired", Duration::from_secs(30));
+        let b = self.start(&c.nodes[1], waiter_args);
+        self.wait(c.nodes[1].name(), "waiting", Duration::from_secs(30));
+        (a, acquired, b)
+    }
+}
+
 fn format(device: &Path, nodes: &[&str]) {
     let mut cmd = Command::new(BIN);
     cmd.arg("format").arg(device).arg("--force");
@@ -252,18 +292,14 @@ fn a_crashed_holder_is_taken_over_after_host_dead_never_before() {
     let Some(c) = cluster(&["node-a", "node-b"]) else {
         return;
     };
-    let (tx, rx) = channel();
-    let mut log = Vec::new();
-    let mut a = Acquirer::start(c.nodes[0].device(), "node-a", tx.clone(), &[]);
-    wait_for(&rx, &mut log, "node-a", "acquired", Duration::from_secs(30));
-    let _b = Acquirer::start(c.nodes[1].device(), "node-b", tx.clone(), &[]);
-    wait_for(&rx, &mut log, "node-b", "waiting", Duration::from_secs(30));
+    let mut ev = Events::new();
+    let (mut a, _, _b) = ev.holder_and_waiter(&c, &[]);
     // Let a renew a few times, then cut its path and kill it.
     std::thread::sleep(3 * RENEW);
     c.nodes[0].set_mode(Mode::Eio).expect("cut path");
     let cut = Instant::now();
     c.nodes[0].crash(&mut a.child).expect("crash a");
-    let seen = wait_for(&rx, &mut log, "node-b", "acquired", HOST_DEAD * 3);
+    let seen = ev.wait("node-b", "acquired", HOST_DEAD * 3);
     let took = seen.at - cut;
     // a's last renewal landed at most one renew interval (+ its I/O) before the cut.
     assert!(
@@ -284,16 +320,12 @@ fn a_stopped_holder_loses_the_lease_and_says_so_when_it_resumes() {
     let Some(c) = cluster(&["node-a", "node-b"]) else {
         return;
     };
-    let (tx, rx) = channel();
-    let mut log = Vec::new();
-    let mut a = Acquirer::start(c.nodes[0].device(), "node-a", tx.clone(), &[]);
-    let acquired = wait_for(&rx, &mut log, "node-a", "acquired", Duration::from_secs(30));
+    let mut ev = Events::new();
+    let (mut a, acquired, _b) = ev.holder_and_waiter(&c, &[]);
     let gen_a = acquired.event["generation"].as_u64().expect("generation");
-    let _b = Acquirer::start(c.nodes[1].device(), "node-b", tx.clone(), &[]);
-    wait_for(&rx, &mut log, "node-b", "waiting", Duration::from_secs(30));
     a.signal(nix::sys::signal::Signal::SIGSTOP);
     let stopped = Instant::now();
-    let seen = wait_for(&rx, &mut log, "node-b", "acquired", HOST_DEAD * 3);
+    let seen = ev.wait("node-b", "acquired", HOST_DEAD * 3);
     assert!(
         seen.at - stopped + RENEW + Duration::from_millis(100) >= HOST_DEAD,
         "took over after {:?}",
@@ -303,10 +335,11 @@ fn a_stopped_holder_loses_the_lease_and_says_so_when_it_resumes() {
     assert!(gen_b > gen_a);
     let slot_before = inspect_json(c.nodes[1].device());
     a.signal(nix::sys::signal::Signal::SIGCONT);
-    let lost = wait_for(&rx, &mut log, "node-a", "lost", Duration::from_secs(10));
+    let lost = ev.wait("node-a", "lost", Duration::from_secs(10));
     assert_eq!(lost.event["reason"], "expired", "{lost:?}");
     // Nothing from node-a between its acquired and its lost but renewal failures.
-    for s in log
+    for s in ev
+        .log
         .iter()
         .filter(|s| s.node == "node-a" && s.at > acquired.at && s.at < lost.at)
     {
@@ -342,16 +375,12 @@ fn a_clean_release_hands_over_without_waiting() {
     let Some(c) = cluster(&["node-a", "node-b"]) else {
         return;
     };
-    let (tx, rx) = channel();
-    let mut log = Vec::new();
-    let a = Acquirer::start(c.nodes[0].device(), "node-a", tx.clone(), &[]);
-    wait_for(&rx, &mut log, "node-a", "acquired", Duration::from_secs(30));
-    let _b = Acquirer::start(c.nodes[1].device(), "node-b", tx.clone(), &[]);
-    wait_for(&rx, &mut log, "node-b", "waiting", Duration::from_secs(30));
+    let mut ev = Events::new();
+    let (a, _, _b) = ev.holder_and_waiter(&c, &[]);
     let asked = Instant::now();
     a.signal(nix::sys::signal::Signal::SIGTERM);
-    wait_for(&rx, &mut log, "node-a", "released", Duration::from_secs(10));
-    let seen = wait_for(&rx, &mut log, "node-b", "acquired", Duration::from_secs(10));
+    ev.wait("node-a", "released", Duration::from_secs(10));
+    let seen = ev.wait("node-b", "acquired", Duration::from_secs(10));
     assert!(
         seen.at - asked < HOST_DEAD / 2,
         "handover took {:?}: that is a host_dead wait",
@@ -365,22 +394,16 @@ fn acquire_times_out_while_another_node_holds() {
     let Some(c) = cluster(&["node-a", "node-b"]) else {
         return;
     };
-    let (tx, rx) = channel();
-    let mut log = Vec::new();
-    let _a = Acquirer::start(c.nodes[0].device(), "node-a", tx.clone(), &[]);
-    wait_for(&rx, &mut log, "node-a", "acquired", Duration::from_secs(30));
-    let mut b = Acquirer::start(
-        c.nodes[1].device(),
-        "node-b",
-        tx.clone(),
-        &["--timeout", "2"],
-    );
+    let mut ev = Events::new();
+    let _a = ev.start(&c.nodes[0], &[]);
+    ev.wait("node-a", "acquired", Duration::from_secs(30));
+    let mut b = ev.start(&c.nodes[1], &["--timeout", "2"]);
     assert_eq!(
         b.wait_exit(Duration::from_secs(20)),
         3,
         "timed-out exit code"
     );
-    while let Ok(s) = rx.try_recv() {
+    while let Ok(s) = ev.rx.try_recv() {
         assert!(!(s.node == "node-b" && s.kind() == "acquired"), "{s:?}");
     }
 }
@@ -448,10 +471,9 @@ fn mmp_clean_after_a_takeover_from_a_crashed_mounted_holder() {
     let Some(c) = cluster(&["node-a", "node-b"]) else {
         return;
     };
-    let (tx, rx) = channel();
-    let mut log = Vec::new();
-    let mut a = Acquirer::start(c.nodes[0].device(), "node-a", tx.clone(), &[]);
-    wait_for(&rx, &mut log, "node-a", "acquired", Duration::from_secs(30));
+    let mut ev = Events::new();
+    let mut a = ev.start(&c.nodes[0], &[]);
+    ev.wait("node-a", "acquired", Duration::from_secs(30));
     let dir_a = tempfile::tempdir().expect("mount dir");
     let dir_b = tempfile::tempdir().expect("mount dir");
     let dev_a = c.nodes[0].device().to_str().expect("utf-8").to_string();
@@ -467,15 +489,9 @@ fn mmp_clean_after_a_takeover_from_a_crashed_mounted_holder() {
         "expected an in-use MMP block left by node-a, got {:?}",
         mmp.state()
     );
-    let _b = Acquirer::start(c.nodes[1].device(), "node-b", tx.clone(), &["--mmp-clean"]);
-    wait_for(&rx, &mut log, "node-b", "acquired", HOST_DEAD * 3);
-    let cleaned = wait_for(
-        &rx,
-        &mut log,
-        "node-b",
-        "mmp_cleaned",
-        Duration::from_secs(10),
-    );
+    let _b = ev.start(&c.nodes[1], &["--mmp-clean"]);
+    ev.wait("node-b", "acquired", HOST_DEAD * 3);
+    let cleaned = ev.wait("node-b", "mmp_cleaned", Duration::from_secs(10));
     assert_eq!(cleaned.event["previous"]["state"], "in_use", "{cleaned:?}");
     let (_, mmp) = blockfence::ext4::read_mmp(c.nodes[1].device()).expect("read mmp via b");
     assert_eq!(mmp.state(), blockfence::ext4::MmpState::Clean);
