@@ -503,3 +503,54 @@ fn mmp_clean_after_a_takeover_from_a_crashed_mounted_holder() {
     let _ = common::run_ok("umount", &[dir_b.path().to_str().expect("utf-8")]);
     assert_eq!(data.expect("a's file on b"), b"written by a");
 }
+
+/// The same lease on a 4Kn device (4096-byte logical sectors): format, acquire,
+/// hand over on release. Every lease I/O is a 4096-byte aligned block, so it
+/// must work unchanged.
+#[test]
+fn the_lease_works_on_4096_byte_sector_devices() {
+    if !require_root_loop_fuse() {
+        return;
+    }
+    let image = SharedImage::create(64 << 20).expect("image");
+    let path = image.path().to_str().expect("utf-8").to_string();
+    let attach = || {
+        let out = common::run_ok(
+            "losetup",
+            &[
+                "--direct-io=on",
+                "--sector-size",
+                "4096",
+                "-f",
+                "--show",
+                &path,
+            ],
+        )
+        .expect("losetup");
+        std::path::PathBuf::from(out.stdout.trim())
+    };
+    struct Detach(Vec<std::path::PathBuf>);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            for d in &self.0 {
+                let _ = Command::new("losetup").arg("-d").arg(d).status();
+            }
+        }
+    }
+    let devs = Detach(vec![attach(), attach()]);
+    let ssz = common::run_ok("blockdev", &["--getss", devs.0[0].to_str().expect("utf-8")])
+        .expect("blockdev");
+    assert_eq!(ssz.stdout.trim(), "4096");
+    format(&devs.0[0], &["node-a", "node-b"]);
+    let mut ev = Events::new();
+    let a = Acquirer::start(&devs.0[0], "node-a", ev.tx.clone(), &[]);
+    let first = ev.wait("node-a", "acquired", Duration::from_secs(30));
+    let _b = Acquirer::start(&devs.0[1], "node-b", ev.tx.clone(), &[]);
+    ev.wait("node-b", "waiting", Duration::from_secs(30));
+    a.signal(nix::sys::signal::Signal::SIGTERM);
+    ev.wait("node-a", "released", Duration::from_secs(10));
+    let second = ev.wait("node-b", "acquired", Duration::from_secs(10));
+    assert!(second.event["generation"].as_u64() > first.event["generation"].as_u64());
+    let v = inspect_json(&devs.0[1]);
+    assert_eq!(v["header"]["logical_sector"], 4096, "{v}");
+}
