@@ -10,6 +10,13 @@
 //!
 //! A failing seed panics with the invariant, the replay command and the end of
 //! its trace.
+//!
+//! The `finding_*` tests pin the protocol bugs the simulation found, each to a
+//! seed and the smallest fault list that shows it, with a diagnosis. They fail
+//! until `src/core/lease.rs` is fixed, and guard the fixes afterwards. Until
+//! then `no_two_writers_and_generations_grow` fails too (with the default fault
+//! list; `BLOCKFENCE_SIM_FAULTS=none,crash,stall,io_errors,clock_drift,varied_params,churn`
+//! passes).
 
 use std::time::Instant;
 
@@ -229,4 +236,164 @@ fn without_faults_the_lease_is_granted_and_handed_over() {
     assert_eq!(s.seeds_with_grant, s.seeds);
     assert_eq!(s.seeds_quiet_live, s.seeds, "{:?}", s.quiet_dead_seeds);
     assert!(s.grants >= 2 * s.seeds, "{} grants", s.grants);
+}
+
+// ----- findings ---------------------------------------------------------------
+
+/// A protocol bug the simulation found, pinned to one seed and the smallest
+/// fault list that shows it. These tests fail until `src/core/lease.rs` is
+/// fixed; then they guard the fix.
+struct Finding {
+    seed: u64,
+    faults: &'static str,
+    /// A safety finding fails with a violation; a liveness one fails when
+    /// nobody holds the lease in the quiet tail.
+    liveness: bool,
+    diagnosis: &'static str,
+}
+
+fn check(f: &Finding) {
+    let opts = Options {
+        faults: FaultMix::parse(f.faults).expect("a valid fault list"),
+        ..Options::default()
+    };
+    let o = sim::run(f.seed, &opts);
+    let failure = match (&o.violation, f.liveness) {
+        (Some(v), _) => Some(v.to_string()),
+        (None, true) if !o.quiet_live => Some(format!(
+            "nobody held the lease during the {} ms quiet tail ({:?})",
+            opts.quiet_ms, o.anomalies
+        )),
+        (None, true) if o.anomalies.acquire_absorbed > 0 => Some(format!(
+            "an Acquire was dropped ({} times)",
+            o.anomalies.acquire_absorbed
+        )),
+        _ => None,
+    };
+    if let Some(failure) = failure {
+        panic!(
+            "seed {}: {failure}\n\ndiagnosis: {}\n\nreplay: {}\n\n{}",
+            f.seed,
+            f.diagnosis,
+            replay_command(f.seed, Some(f.faults)),
+            trace_tail(f.seed, &opts)
+        );
+    }
+}
+
+#[test]
+fn finding_a_reacquire_during_the_fence_window_lets_a_peer_in_early() {
+    check(&Finding {
+        seed: 316,
+        faults: "none,stall,churn,early_reacquire",
+        liveness: false,
+        diagnosis: "a holder stalled past valid_until emits Lost (its fence may run until \
+            valid_until + fence_timeout, its data writes land up to io_timeout later). Its caller \
+            asks to Acquire again within that window: the machine leaves Mode::Lost at once, \
+            claims (Claim over its Hold record), meets a contender or a give-up and withdraws, \
+            writing Idle. A peer sees an Idle slot, which blocks nothing, and takes over at its \
+            next poll, with no host_dead wait, inside the old holder's fence window.",
+    });
+}
+
+#[test]
+fn finding_b1_a_late_join_write_lands_on_another_nodes_slot() {
+    check(&Finding {
+        seed: 691,
+        faults: "none,delayed_io",
+        liveness: false,
+        diagnosis: "two nodes pick the same empty slot to join. One join write is delayed \
+            (queued I/O) for longer than host_dead_ceiling; the other node completes its join \
+            wait, claims and holds in that slot. The late join write then lands over the \
+            holder's Hold record with an Idle record of another node, so a third node sees no \
+            contending slot and takes over while the holder renews. Nothing in the protocol \
+            bounds when a write that never completed may still land.",
+    });
+}
+
+#[test]
+fn finding_b2_a_restarted_node_adopts_its_half_joined_slot_without_the_join_wait() {
+    check(&Finding {
+        seed: 1731,
+        faults: "none,torn_writes,io_errors,crash,churn,long_delays",
+        liveness: false,
+        diagnosis: "n1 writes its join record into an empty slot and crashes at once. Its next \
+            incarnation finds its name in that slot and adopts it with no join wait (evaluate: \
+            'our name from an earlier incarnation'), claims and holds. A join write of n2 to \
+            the same slot, issued before n1's and delayed a few seconds only (beyond io_timeout, \
+            far below host_dead_ceiling), lands over n1's Claim/Hold record; a third node takes \
+            over. The join wait exists to outlast exactly such writes, and adoption by name \
+            skips it even when the earlier incarnation never finished joining.",
+    });
+}
+
+#[test]
+fn finding_c_a_claim_keeps_a_generation_chosen_from_a_stale_scan() {
+    check(&Finding {
+        seed: 692,
+        faults: "none,long_delays,churn",
+        liveness: false,
+        diagnosis: "a scan read is served, then completes seconds later (reads have no \
+            deadline). Meanwhile a peer claims generation g, holds and releases. The node \
+            evaluates the stale scan, claims g itself (max_generation_seen + 1), and its verify \
+            read shows the peer's Released g record: nothing blocks, and it is granted g a \
+            second time (or an older generation). The verify step checks for contenders but not \
+            that the claimed generation is still above every generation it now sees.",
+    });
+}
+
+#[test]
+fn finding_d_torn_records_erase_the_last_granted_generation() {
+    check(&Finding {
+        seed: 958,
+        faults: "all,-early_reacquire",
+        liveness: false,
+        diagnosis: "the granted generation lives only in the owner record, the holder's slot \
+            and the memory of peers that read them. A node with a failing path tears its owner \
+            write (grant of g5, 6/8 sectors land) and then its own slot (withdraw, torn): both \
+            records are corrupt. Every node that saw g4/g5 restarts or cannot use the area, and \
+            the next grant is generation 1.",
+    });
+}
+
+#[test]
+fn finding_e_a_torn_own_slot_is_lost_for_good() {
+    check(&Finding {
+        seed: 702,
+        faults: "none,torn_writes,path_loss,crash",
+        liveness: true,
+        diagnosis: "a live holder's renewals fail during a path loss and land torn: its slot \
+            is corrupt. When it reads again, its slot is not what it wrote, it looks for its \
+            name (not in a corrupt record) and for an empty slot (none: a corrupt block is not \
+            empty), and fails with 'no free slot'. Nobody ever rewrites a corrupt slot, so every \
+            torn slot record is lost to the area for good; with as many slots as nodes, the \
+            volume ends with no holder.",
+    });
+}
+
+#[test]
+fn finding_f_release_then_acquire_during_a_renewal_holds_the_lease_silently() {
+    check(&Finding {
+        seed: 201,
+        faults: "none,long_delays,churn",
+        liveness: true,
+        diagnosis: "the caller releases while a renewal write (or the owner check after it) is \
+            outstanding, and asks to Acquire again before it completes. `want` flips back to \
+            true, the machine stays in Mode::Holding and keeps renewing, but never emits \
+            Acquired again: the caller does not know it holds the lease, nobody writes, and no \
+            peer can take over while the renewals go on.",
+    });
+}
+
+#[test]
+fn finding_g_acquire_during_a_release_is_dropped() {
+    check(&Finding {
+        seed: 27,
+        faults: "none,churn",
+        liveness: true,
+        diagnosis: "Acquire while the release writes are outstanding (Mode::Releasing) only \
+            sets `want`: when the release completes the machine goes Idle and emits Released, \
+            and never seeks although the caller wants the lease. (The simulated caller works \
+            around it by asking again after Released; this test counts the drops.)",
+    });
 }

@@ -63,6 +63,9 @@
 //! | `early_reacquire` | after `Lost`, the caller asks to `Acquire` again 0.5-10 s later, possibly before its own fence window (`valid_until + fence + io`) has passed; without it, only after | a runtime that re-acquires once its fence has completed |
 //!
 //! Broken variants ([`Sabotage`]) exist only to show the oracle can fail.
+//!
+//! What the simulation found in the protocol is pinned, with diagnoses, in the
+//! `finding_*` tests of `tests/sim.rs`.
 
 mod clock;
 mod disk;
