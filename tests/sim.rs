@@ -4,7 +4,8 @@
 //! - `BLOCKFENCE_SIM_SEEDS`: how many seeds (default 10000);
 //! - `BLOCKFENCE_SIM_SEED`: the first seed (default 0);
 //! - `BLOCKFENCE_SIM_TRACE=1`: print every event of every seed run (use with
-//!   `BLOCKFENCE_SIM_SEEDS=1`);
+//!   `BLOCKFENCE_SIM_SEEDS=1`; the test harness shows it when the seed fails,
+//!   or always with `no_two_writers_and_generations_grow -- --nocapture`);
 //! - `BLOCKFENCE_SIM_FAULTS`: fault classes, e.g. `all,-delayed_io` (default all);
 //! - `BLOCKFENCE_SIM_CHAOS_MS`, `BLOCKFENCE_SIM_QUIET_MS`: simulated time per seed.
 //!
