@@ -290,10 +290,11 @@ fn finding_a_reacquire_during_the_fence_window_lets_a_peer_in_early() {
         liveness: false,
         diagnosis: "a holder stalled past valid_until emits Lost (its fence may run until \
             valid_until + fence_timeout, its data writes land up to io_timeout later). Its caller \
-            asks to Acquire again within that window: the machine leaves Mode::Lost at once, \
-            claims (Claim over its Hold record), meets a contender or a give-up and withdraws, \
-            writing Idle. A peer sees an Idle slot, which blocks nothing, and takes over at its \
-            next poll, with no host_dead wait, inside the old holder's fence window.",
+            asks to Acquire again within that window: the machine leaves Mode::Lost at once and, \
+            since its own Hold record does not block it, claims at once (here it is granted g5 \
+            and releases a second later; with a contender or a give-up it withdraws instead). \
+            Either way its slot soon says Released or Idle, which blocks nobody, and a peer takes \
+            over at its next poll, with no host_dead wait, inside the fence window of g4.",
     });
 }
 
