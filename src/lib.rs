@@ -23,3 +23,4 @@ pub mod cli;
 pub mod core;
 pub mod disk;
 pub mod ext4;
+pub mod sim;
