@@ -27,7 +27,7 @@ pub struct Args {
     /// not wait `host_dead` to join (repeat for every node).
     #[arg(long = "node", value_name = "NAME")]
     pub nodes: Vec<String>,
-    /// Number of node slots (at most 253).
+    /// Number of node slots (at most 252).
     #[arg(long, default_value_t = DEFAULT_SLOTS)]
     pub slots: u16,
     /// Default lease I/O deadline, ms; with the other three it sets the volume's

@@ -1,6 +1,6 @@
 //! `blockfence inspect`: what the lease area and ext4 MMP say, now or over time.
 
-use crate::core::lease::OWNER_BLOCK;
+use crate::core::lease::{FIRST_SLOT_BLOCK, OWNER_BLOCK};
 use crate::core::record::{Decoded, Header, Owner, OwnerState, Slot, SlotState};
 use crate::disk::area::{self, AreaInfo};
 use crate::disk::blockdev::{Access, BlockDevice};
@@ -36,13 +36,14 @@ struct Snapshot {
 
 fn read(dev: &BlockDevice) -> anyhow::Result<Snapshot> {
     let info = area::open_area(dev)?;
-    let count = 1 + info.header.max_slots as usize;
+    let owners = (FIRST_SLOT_BLOCK - OWNER_BLOCK) as usize;
+    let count = owners + info.header.max_slots as usize;
     let blocks = dev
         .read_at(info.area_offset + OWNER_BLOCK * 4096, count * 4096)?
         .to_blocks();
     Ok(Snapshot {
-        owner: Owner::decode(&blocks[0]),
-        slots: blocks[1..]
+        owner: Owner::best_of(&blocks[..owners]),
+        slots: blocks[owners..]
             .iter()
             .map(|b| (Box::new(*b), Slot::decode(b)))
             .collect(),

@@ -46,10 +46,16 @@ pub type Millis = u64;
 /// Area block of header copy A, re-read with every scan so that a node never
 /// goes on using an area that was moved (`grow`) or replaced (`format`).
 pub const HEADER_BLOCK: u64 = 0;
-/// Area block of the owner record.
+/// Area block of the owner record, copy A.
 pub const OWNER_BLOCK: u64 = 1;
+/// Area block of the owner record, copy B: written right after copy A, so a
+/// write torn by a crash damages at most one copy and the last granted
+/// generation survives in the other.
+pub const OWNER_B_BLOCK: u64 = 2;
 /// Area block of slot 0.
-pub const FIRST_SLOT_BLOCK: u64 = 2;
+pub const FIRST_SLOT_BLOCK: u64 = 3;
+/// Blocks before the first slot (header A and the two owner copies).
+pub const LEAD_BLOCKS: usize = FIRST_SLOT_BLOCK as usize;
 
 /// What the machine needs to know about the area (from its header).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,11 +187,13 @@ enum Op {
     ClaimWrite,
     VerifyRead,
     OwnerWrite,
+    OwnerWriteB,
     RenewWrite,
     OwnerCheck,
     WithdrawWrite,
     ReleaseSlotWrite,
     ReleaseOwnerWrite,
+    ReleaseOwnerWriteB,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -226,6 +234,16 @@ pub struct LeaseMachine {
     rng: u64,
     last_waiting: Option<Option<String>>,
     release_clean: bool,
+    /// The caller asked to release while holding; carried out even if it asks
+    /// to acquire again before the release writes are done.
+    release_requested: bool,
+    /// After a loss: the end of this node's fence window (own clock). The
+    /// machine does not seek again before it, whatever the caller asks.
+    fence_until: Millis,
+    /// Highest generation in the last full read, not counting our own slot.
+    max_other_generation: u64,
+    /// The valid owner copy with the highest generation in the last read.
+    owner: Option<Owner>,
 }
 
 impl LeaseMachine {
@@ -254,6 +272,10 @@ impl LeaseMachine {
             rng,
             last_waiting: None,
             release_clean: true,
+            release_requested: false,
+            fence_until: 0,
+            max_other_generation: 0,
+            owner: None,
         }
     }
 
@@ -284,14 +306,18 @@ impl LeaseMachine {
         match input {
             Input::Acquire => {
                 self.want = true;
-                if matches!(self.mode, Mode::Idle | Mode::Lost) {
-                    self.mode = Mode::Seeking;
-                    self.next_poll = now;
-                    self.backoff_round = 0;
-                    self.last_waiting = None;
+                // From Lost, `drive` starts seeking once the fence window is over;
+                // while releasing, once the release is written.
+                if self.mode == Mode::Idle {
+                    self.start_seeking(now);
                 }
             }
-            Input::Release => self.want = false,
+            Input::Release => {
+                self.want = false;
+                if self.mode == Mode::Holding {
+                    self.release_requested = true;
+                }
+            }
             Input::Tick => {}
             Input::ReadDone(result) => self.on_read(now, result, &mut out),
             Input::WriteDone(result) => self.on_write(now, result, &mut out),
@@ -304,18 +330,37 @@ impl LeaseMachine {
         out
     }
 
+    fn start_seeking(&mut self, now: Millis) {
+        self.mode = Mode::Seeking;
+        self.next_poll = now;
+        self.backoff_round = 0;
+        self.last_waiting = None;
+    }
+
+    /// Leaves Holding for Lost. The fence window runs to `valid_until +
+    /// fence_timeout + io_timeout`: until then this node may still be writing
+    /// under the lost grant, so it must not take a new one.
+    fn lose(&mut self, reason: LostReason, out: &mut Vec<Action>) {
+        self.mode = Mode::Lost;
+        self.release_requested = false;
+        let p = self.me.params;
+        self.fence_until = self.valid_until + p.fence_timeout_ms as u64 + p.io_timeout_ms as u64;
+        out.push(Action::Emit(Event::Lost {
+            generation: self.generation,
+            reason,
+        }));
+    }
+
     fn check_expiry(&mut self, now: Millis, out: &mut Vec<Action>) {
         if self.mode == Mode::Holding && now >= self.valid_until {
-            self.mode = Mode::Lost;
-            out.push(Action::Emit(Event::Lost {
-                generation: self.generation,
-                reason: LostReason::Expired,
-            }));
+            self.lose(LostReason::Expired, out);
         }
     }
 
     fn next_wake(&self) -> Option<Millis> {
         match self.mode {
+            // With an I/O outstanding, its completion is the next wake-up.
+            Mode::Lost if self.want && self.pending.is_none() => Some(self.fence_until),
             Mode::Idle | Mode::Lost => None,
             Mode::Holding if self.pending.is_some() => Some(self.valid_until),
             Mode::Holding => Some(self.valid_until.min(self.next_renew)),
@@ -333,7 +378,7 @@ impl LeaseMachine {
     fn read_all(&self) -> Action {
         Action::Read {
             first_block: HEADER_BLOCK,
-            count: 2 + self.layout.max_slots as usize,
+            count: LEAD_BLOCKS + self.layout.max_slots as usize,
         }
     }
 
@@ -379,7 +424,14 @@ impl LeaseMachine {
         );
     }
 
-    fn write_owner(&mut self, now: Millis, op: Op, state: OwnerState, out: &mut Vec<Action>) {
+    fn write_owner(
+        &mut self,
+        now: Millis,
+        op: Op,
+        block: u64,
+        state: OwnerState,
+        out: &mut Vec<Action>,
+    ) {
         let owner = Owner {
             state,
             holder_slot: self.my_slot.unwrap_or(0),
@@ -392,7 +444,7 @@ impl LeaseMachine {
             now,
             op,
             Action::Write {
-                block: OWNER_BLOCK,
+                block,
                 data: Box::new(owner.encode()),
             },
             out,
@@ -403,6 +455,9 @@ impl LeaseMachine {
     fn drive(&mut self, now: Millis, out: &mut Vec<Action>) {
         if self.pending.is_some() {
             return;
+        }
+        if self.mode == Mode::Lost && self.want && now >= self.fence_until {
+            self.start_seeking(now);
         }
         match self.mode {
             Mode::Idle | Mode::Lost | Mode::Releasing => {}
@@ -427,7 +482,8 @@ impl LeaseMachine {
                 self.issue(now, Op::JoinRead, read, out);
             }
             Mode::Seeking | Mode::Joining { .. } => {}
-            Mode::Holding if !self.want => {
+            Mode::Holding if self.release_requested || !self.want => {
+                self.release_requested = false;
                 self.mode = Mode::Releasing;
                 self.release_clean = true;
                 self.write_slot(now, Op::ReleaseSlotWrite, SlotState::Released, out);
@@ -491,6 +547,16 @@ impl LeaseMachine {
                 if self.mode != Mode::Seeking {
                     return;
                 }
+                if ok && self.want {
+                    self.write_owner(now, Op::OwnerWriteB, OWNER_B_BLOCK, OwnerState::Held, out);
+                } else {
+                    self.withdraw(now, out);
+                }
+            }
+            Op::OwnerWriteB => {
+                if self.mode != Mode::Seeking {
+                    return;
+                }
                 let valid_until = self.claim_issued + self.me.params.lease_timeout_ms as u64;
                 if ok && now < valid_until && self.want {
                     self.mode = Mode::Holding;
@@ -520,7 +586,7 @@ impl LeaseMachine {
                         Op::OwnerCheck,
                         Action::Read {
                             first_block: HEADER_BLOCK,
-                            count: 2,
+                            count: LEAD_BLOCKS,
                         },
                         out,
                     );
@@ -541,15 +607,35 @@ impl LeaseMachine {
             }
             Op::ReleaseSlotWrite => {
                 self.release_clean &= ok;
-                self.write_owner(now, Op::ReleaseOwnerWrite, OwnerState::Released, out);
+                self.write_owner(
+                    now,
+                    Op::ReleaseOwnerWrite,
+                    OWNER_BLOCK,
+                    OwnerState::Released,
+                    out,
+                );
             }
             Op::ReleaseOwnerWrite => {
                 self.release_clean &= ok;
-                self.mode = Mode::Idle;
+                self.write_owner(
+                    now,
+                    Op::ReleaseOwnerWriteB,
+                    OWNER_B_BLOCK,
+                    OwnerState::Released,
+                    out,
+                );
+            }
+            Op::ReleaseOwnerWriteB => {
+                self.release_clean &= ok;
                 out.push(Action::Emit(Event::Released {
                     generation: self.generation,
                     clean: self.release_clean,
                 }));
+                if self.want {
+                    self.start_seeking(now);
+                } else {
+                    self.mode = Mode::Idle;
+                }
             }
             Op::ScanRead | Op::JoinRead | Op::VerifyRead | Op::OwnerCheck => {}
         }
@@ -581,12 +667,12 @@ impl LeaseMachine {
             }
         };
         if p.op == Op::OwnerCheck {
-            if blocks.len() == 2 {
-                self.check_owner(&blocks[0], &blocks[1], out);
+            if blocks.len() == LEAD_BLOCKS {
+                self.check_owner(&blocks[0], &blocks[1..LEAD_BLOCKS], out);
             }
             return;
         }
-        if blocks.len() != 2 + self.layout.max_slots as usize {
+        if blocks.len() != LEAD_BLOCKS + self.layout.max_slots as usize {
             // The runtime returned the wrong shape: treat as a failed read.
             self.next_poll = now + self.me.params.poll_interval_ms();
             if p.op == Op::VerifyRead && self.mode == Mode::Seeking {
@@ -605,7 +691,7 @@ impl LeaseMachine {
             out.push(Action::Emit(Event::Failed { error }));
             return;
         }
-        self.observe(now, &blocks[1..]);
+        self.observe(now, &blocks[1..LEAD_BLOCKS], &blocks[LEAD_BLOCKS..]);
         match (p.op, self.mode) {
             (Op::ScanRead, Mode::Seeking) => self.evaluate(now, p.issued, out),
             (
@@ -633,50 +719,55 @@ impl LeaseMachine {
             }
             (Op::VerifyRead, Mode::Seeking) => {
                 let blocked = self.blocker(p.issued).is_some();
-                if !self.own_slot_intact() || blocked || !self.want {
+                // A generation chosen from an older read may have been granted
+                // meanwhile: never hand out one that is not above all we see.
+                let stale = self.max_other_generation >= self.generation;
+                if !self.own_slot_intact() || blocked || stale || !self.want {
                     self.withdraw(now, out);
                 } else {
-                    self.write_owner(now, Op::OwnerWrite, OwnerState::Held, out);
+                    self.write_owner(now, Op::OwnerWrite, OWNER_BLOCK, OwnerState::Held, out);
                 }
             }
             _ => {}
         }
     }
 
-    fn check_owner(&mut self, header: &Block, block: &Block, out: &mut Vec<Action>) {
+    fn check_owner(&mut self, header: &Block, owners: &[Block], out: &mut Vec<Action>) {
         if self.mode != Mode::Holding {
             return;
         }
         if let Some(detail) = self.header_problem(header) {
-            self.mode = Mode::Lost;
-            out.push(Action::Emit(Event::Lost {
-                generation: self.generation,
-                reason: LostReason::AreaChanged { detail },
-            }));
+            self.lose(LostReason::AreaChanged { detail }, out);
             return;
         }
-        let Decoded::Valid(owner) = Owner::decode(block) else {
-            return;
-        };
-        let other = owner.holder_nonce != self.me.nonce || owner.holder_name != self.me.name;
-        if owner.state == OwnerState::Held && other && owner.generation > self.generation {
-            self.mode = Mode::Lost;
-            out.push(Action::Emit(Event::Lost {
-                generation: self.generation,
-                reason: LostReason::Superseded {
-                    by: owner.holder_name,
-                    generation: owner.generation,
-                },
-            }));
+        for b in owners {
+            let Decoded::Valid(owner) = Owner::decode(b) else {
+                continue;
+            };
+            let other = owner.holder_nonce != self.me.nonce || owner.holder_name != self.me.name;
+            if owner.state == OwnerState::Held && other && owner.generation > self.generation {
+                self.lose(
+                    LostReason::Superseded {
+                        by: owner.holder_name,
+                        generation: owner.generation,
+                    },
+                    out,
+                );
+                return;
+            }
         }
     }
 
     /// Records what each slot holds and since when; learns generations.
-    fn observe(&mut self, now: Millis, blocks: &[Block]) {
-        if let Decoded::Valid(owner) = Owner::decode(&blocks[0]) {
-            self.max_generation_seen = self.max_generation_seen.max(owner.generation);
+    fn observe(&mut self, now: Millis, owners: &[Block], blocks: &[Block]) {
+        let mut max_other = 0;
+        self.owner = Owner::best_of(owners).valid().cloned();
+        for b in owners {
+            if let Decoded::Valid(owner) = Owner::decode(b) {
+                max_other = max_other.max(owner.generation);
+            }
         }
-        for (i, b) in blocks[1..].iter().enumerate() {
+        for (i, b) in blocks.iter().enumerate() {
             let changed = match &self.observed[i] {
                 Some(o) => o.raw[..] != b[..],
                 None => true,
@@ -687,12 +778,33 @@ impl LeaseMachine {
                     since: now,
                 });
             }
+            let mine = self.my_slot == Some(i as u16)
+                && self.my_last.as_ref().is_some_and(|l| l[..] == b[..]);
             if let Decoded::Valid(s) = Slot::decode(b) {
-                self.max_generation_seen = self
-                    .max_generation_seen
-                    .max(s.generation)
-                    .max(s.max_generation_seen);
+                if !mine {
+                    max_other = max_other.max(s.generation).max(s.max_generation_seen);
+                }
             }
+        }
+        self.max_other_generation = max_other;
+        self.max_generation_seen = self.max_generation_seen.max(max_other);
+    }
+
+    /// Whether the slot observation `obs` was unchanged for `host_dead` up to a
+    /// read issued at `read_issued`.
+    fn is_dead(obs: &Observation, read_issued: Millis, host_dead: u64) -> bool {
+        read_issued >= obs.since && read_issued - obs.since >= host_dead
+    }
+
+    /// Our own slot, when it holds a torn or damaged write: ours (this
+    /// incarnation wrote it and is its only writer), to be repaired by our
+    /// next write, not a contender to wait out.
+    fn own_slot_torn(&self) -> bool {
+        match (self.my_slot, &self.my_last) {
+            (Some(i), Some(_)) => self.observed[i as usize]
+                .as_ref()
+                .is_some_and(|o| matches!(Slot::decode(&o.raw), Decoded::Corrupt(_))),
+            _ => false,
         }
     }
 
@@ -716,6 +828,9 @@ impl LeaseMachine {
             if mine && self.my_last.as_ref().is_some_and(|l| l[..] == obs.raw[..]) {
                 continue;
             }
+            if mine && self.own_slot_torn() {
+                continue;
+            }
             let (contending, host_dead, name) = match Slot::decode(&obs.raw) {
                 Decoded::Empty => (false, 0, None),
                 Decoded::Valid(s) => {
@@ -732,13 +847,52 @@ impl LeaseMachine {
             // A slot only its own node writes: when it is in our slot but not
             // our bytes, it is an earlier incarnation of us, or a node that
             // wrote the same free slot; either way it counts like any other.
-            let dead =
-                read_issued.saturating_sub(obs.since) >= host_dead && read_issued >= obs.since;
-            if contending && !dead {
+            if contending && !Self::is_dead(obs, read_issued, host_dead) {
                 return Some(name);
             }
         }
-        None
+        self.owner_blocker(read_issued)
+    }
+
+    /// The owner record as a second witness: while it names a holder, that
+    /// holder's slot must show the holder itself letting go (`idle` or
+    /// `released` with the holder's nonce and at least its generation), or
+    /// have been unchanged for the holder's `host_dead`. So a stray write that
+    /// replaced a live holder's `hold` (a join or a ghost write landing very
+    /// late) cannot make the lease look free.
+    fn owner_blocker(&self, read_issued: Millis) -> Option<Option<String>> {
+        let o = self
+            .owner
+            .as_ref()
+            .filter(|o| o.state == OwnerState::Held)?;
+        let k = o.holder_slot;
+        if self.my_slot == Some(k)
+            && o.holder_name == self.me.name
+            && (self.own_slot_intact() || self.own_slot_torn())
+        {
+            // The holder was an earlier incarnation of us; we are that slot's
+            // writer now, and judged the earlier one dead before we wrote it.
+            // (If the owner names another node in what we take for our slot,
+            // we took it by mistake, e.g. from a stale read: wait like anyone.)
+            return None;
+        }
+        let obs = self.observed.get(k as usize)?.as_ref()?;
+        if let Decoded::Valid(s) = Slot::decode(&obs.raw) {
+            let let_go = matches!(s.state, SlotState::Idle | SlotState::Released);
+            if s.nonce == o.holder_nonce && let_go && s.generation >= o.generation {
+                return None;
+            }
+        }
+        let host_dead = if o.params.validate().is_ok() {
+            o.params.host_dead_ms()
+        } else {
+            self.layout.host_dead_ceiling_ms
+        };
+        if Self::is_dead(obs, read_issued, host_dead) {
+            None
+        } else {
+            Some(Some(o.holder_name.clone()))
+        }
     }
 
     /// Decides, from a fresh read of all slots, whether to join, wait or claim.
@@ -746,8 +900,13 @@ impl LeaseMachine {
         if !self.want {
             return;
         }
-        if self.my_slot.is_some() && self.my_last.is_some() && !self.own_slot_intact() {
+        if self.my_slot.is_some()
+            && self.my_last.is_some()
+            && !self.own_slot_intact()
+            && !self.own_slot_torn()
+        {
             // Our slot was overwritten: someone else took it. Find another.
+            // (A torn slot is our own torn write: we keep it and rewrite it.)
             self.my_slot = None;
             self.my_last = None;
         }
@@ -775,9 +934,21 @@ impl LeaseMachine {
                     }
                 }
                 None => {
-                    let free = self.observed.iter().position(|o| {
+                    // An empty slot, else a corrupt one nobody has rewritten for
+                    // the ceiling (a torn write of a node that is gone): the join
+                    // wait protects either choice.
+                    let ceiling = self.layout.host_dead_ceiling_ms;
+                    let empty = self.observed.iter().position(|o| {
                         o.as_ref()
                             .is_some_and(|o| matches!(Slot::decode(&o.raw), Decoded::Empty))
+                    });
+                    let free = empty.or_else(|| {
+                        self.observed.iter().position(|o| {
+                            o.as_ref().is_some_and(|o| {
+                                matches!(Slot::decode(&o.raw), Decoded::Corrupt(_))
+                                    && Self::is_dead(o, read_issued, ceiling)
+                            })
+                        })
                     });
                     match free {
                         Some(i) => {
@@ -835,9 +1006,10 @@ mod tests {
 
     impl Disk {
         fn new(slots: u16) -> Disk {
-            let mut blocks = vec![[0u8; BLOCK]; 2 + slots as usize];
+            let mut blocks = vec![[0u8; BLOCK]; LEAD_BLOCKS + slots as usize];
             blocks[HEADER_BLOCK as usize] = header(slots).encode();
             blocks[OWNER_BLOCK as usize] = Owner::free(Params::default()).encode();
+            blocks[OWNER_B_BLOCK as usize] = Owner::free(Params::default()).encode();
             Disk { blocks }
         }
         /// Performs the I/O actions at once; returns the follow-up input.

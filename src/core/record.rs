@@ -351,6 +351,21 @@ impl Owner {
         }
     }
 
+    /// The owner record from its copies (blocks A and B): the valid copy with
+    /// the highest generation; else corrupt if any copy is, else empty.
+    pub fn best_of(copies: &[Block]) -> Decoded<Owner> {
+        let mut best: Decoded<Owner> = Decoded::Empty;
+        for b in copies {
+            match (Owner::decode(b), &best) {
+                (Decoded::Valid(o), Decoded::Valid(cur)) if o.generation <= cur.generation => {}
+                (Decoded::Valid(o), _) => best = Decoded::Valid(o),
+                (Decoded::Corrupt(r), Decoded::Empty) => best = Decoded::Corrupt(r),
+                _ => {}
+            }
+        }
+        best
+    }
+
     /// Encodes the owner record into one block.
     pub fn encode(&self) -> Block {
         let mut b = [0u8; BLOCK];

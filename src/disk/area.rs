@@ -8,8 +8,9 @@
 //! area_offset = align_down(device_size, 1 MiB) - 1 MiB
 //!
 //! area block  0        header copy A
-//! area block  1        owner record
-//! area blocks 2..2+n   slots 0..n   (n = max_slots, default 32, at most 253)
+//! area block  1        owner record, copy A
+//! area block  2        owner record, copy B (written after A)
+//! area blocks 3..3+n   slots 0..n   (n = max_slots, default 32, at most 252)
 //! area blocks ..254    zero
 //! area block  255      header copy B (identical to A)
 //! ```
@@ -126,12 +127,13 @@ pub struct AreaSnapshot {
 }
 
 impl AreaSnapshot {
-    /// Decodes area blocks `1 ..= max_slots + 1` (owner, then slots).
+    /// Decodes area blocks from `OWNER_BLOCK` on: the owner copies, then the slots.
     pub fn decode(info: AreaInfo, blocks: &[Block]) -> AreaSnapshot {
-        let owner = blocks.first().map(Owner::decode).unwrap_or(Decoded::Empty);
+        let owners = (SLOT_BLOCK0 - OWNER_BLOCK) as usize;
+        let owner = Owner::best_of(&blocks[..owners.min(blocks.len())]);
         let slots = blocks
             .iter()
-            .skip(1)
+            .skip(owners)
             .take(info.header.max_slots as usize)
             .map(Slot::decode)
             .collect();
@@ -350,7 +352,9 @@ pub fn format_area<D: DeviceIo + ?Sized>(
     };
     // Blocks 1..=254: owner, empty slots, zeros.
     let mut body = vec![[0u8; BLOCK]; (HEADER_B_BLOCK - OWNER_BLOCK) as usize];
-    body[0] = Owner::free(params).encode();
+    for owner in body.iter_mut().take((SLOT_BLOCK0 - OWNER_BLOCK) as usize) {
+        *owner = Owner::free(params).encode();
+    }
     write_blocks(dev, block_offset(area_offset, OWNER_BLOCK), &body)?;
     write_headers(dev, &header)?;
     Ok(AreaInfo {
@@ -444,7 +448,7 @@ pub fn read_area_snapshot<D: DeviceIo + ?Sized>(dev: &D) -> Result<AreaSnapshot,
     Ok(AreaSnapshot::decode(info, &blocks))
 }
 
-/// Owner block and slot blocks of the area at `at`.
+/// Owner blocks (both copies) and slot blocks of the area at `at`.
 fn read_body<D: DeviceIo + ?Sized>(
     dev: &D,
     at: u64,
@@ -452,7 +456,7 @@ fn read_body<D: DeviceIo + ?Sized>(
 ) -> Result<Vec<Block>, DiskError> {
     let buf = dev.read_at(
         block_offset(at, OWNER_BLOCK),
-        (1 + max_slots as usize) * BLOCK,
+        ((SLOT_BLOCK0 - OWNER_BLOCK) as usize + max_slots as usize) * BLOCK,
     )?;
     Ok(buf.to_blocks())
 }
@@ -778,8 +782,9 @@ pub fn grow_area<D: DeviceIo + ?Sized>(
 
     // 1. Authority on the old area as it is.
     let snap = |blocks: &[Block]| {
-        let owner = Owner::decode(&blocks[0]);
-        let slots: Vec<_> = blocks[1..].iter().map(Slot::decode).collect();
+        let owners = (SLOT_BLOCK0 - OWNER_BLOCK) as usize;
+        let owner = Owner::best_of(&blocks[..owners]);
+        let slots: Vec<_> = blocks[owners..].iter().map(Slot::decode).collect();
         (owner, slots)
     };
     let body = read_body(dev, old_at, old.max_slots)?;
@@ -915,7 +920,7 @@ mod tests {
         assert_eq!(area_offset_for(100 * MIB + 123), Some(99 * MIB));
         assert_eq!(area_offset_for(1 << 40), Some((1 << 40) - MIB));
         assert_eq!(AREA_BLOCKS, 256);
-        assert_eq!(MAX_SLOTS, 253);
+        assert_eq!(MAX_SLOTS, 252);
         assert_eq!(slot_block(MAX_SLOTS - 1), HEADER_B_BLOCK - 1);
     }
 
@@ -948,10 +953,10 @@ mod tests {
             Err(DiskError::BadMaxSlots { .. })
         ));
         assert!(matches!(
-            f(254, params(), ceiling()),
+            f(253, params(), ceiling()),
             Err(DiskError::BadMaxSlots { .. })
         ));
-        assert!(f(253, params(), ceiling()).is_ok());
+        assert!(f(252, params(), ceiling()).is_ok());
         let bad = Params {
             lease_timeout_ms: 1,
             ..params()

@@ -1,15 +1,18 @@
-//! The simulated lease area: `2 + max_slots` blocks in memory.
+//! The simulated lease area: `LEAD_BLOCKS + max_slots` blocks in memory.
 //!
-//! Block 0 (the header) is never touched by the lease machine and stays zero;
-//! block 1 is the owner record, initialised as on a freshly formatted area;
-//! blocks 2.. are the slots, all zeros (never written). Reads copy whole
+//! Block 0 is header copy A (the lease machine only reads it), blocks 1 and 2
+//! are the two owner copies, initialised as on a freshly formatted area;
+//! blocks 3.. are the slots, all zeros (never written). Reads copy whole
 //! blocks; a write lands a prefix of its 512-byte sectors (all eight normally,
 //! fewer when torn). Timing (when a read is served, when a write lands) is the
 //! scheduler's business, not the disk's.
 
-use crate::core::lease::OWNER_BLOCK;
+use crate::core::lease::{FIRST_SLOT_BLOCK, HEADER_BLOCK, LEAD_BLOCKS, OWNER_BLOCK, OWNER_B_BLOCK};
 use crate::core::params::Params;
-use crate::core::record::{Block, Decoded, Owner, Slot, BLOCK};
+use crate::core::record::{AreaState, Block, Decoded, Header, Owner, Slot, BLOCK};
+
+/// The volume id of every simulated area.
+pub const SIM_VOLUME: [u8; 16] = *b"blockfence-sim!!";
 
 /// Size of one sector; a torn write lands a prefix of whole sectors.
 pub const SECTOR: usize = 512;
@@ -25,8 +28,23 @@ pub struct Disk {
 impl Disk {
     /// A freshly formatted area with `max_slots` slots.
     pub fn formatted(max_slots: u16, params: Params) -> Disk {
-        let mut blocks = vec![[0u8; BLOCK]; 2 + max_slots as usize];
+        let mut blocks = vec![[0u8; BLOCK]; LEAD_BLOCKS + max_slots as usize];
+        let header = Header {
+            area_offset: 1 << 30,
+            area_size: 1 << 20,
+            max_slots,
+            state: AreaState::Active,
+            moved_to: 0,
+            volume_id: SIM_VOLUME,
+            logical_sector: 512,
+            physical_sector: 512,
+            fs_bytes: 1 << 30,
+            params,
+            host_dead_ceiling_ms: params.host_dead_ms() as u32,
+        };
+        blocks[HEADER_BLOCK as usize] = header.encode();
         blocks[OWNER_BLOCK as usize] = Owner::free(params).encode();
+        blocks[OWNER_B_BLOCK as usize] = Owner::free(params).encode();
         Disk { blocks }
     }
 
@@ -59,7 +77,14 @@ impl Disk {
 
 /// A short human description of what `data` holds as area block `block`.
 pub fn describe(block: u64, data: &Block) -> String {
-    if block == OWNER_BLOCK {
+    if block == HEADER_BLOCK {
+        return match Header::decode(data) {
+            Decoded::Valid(h) => format!("header: {:?}", h.state),
+            Decoded::Empty => "header: empty".into(),
+            Decoded::Corrupt(r) => format!("header: CORRUPT ({r})"),
+        };
+    }
+    if block == OWNER_BLOCK || block == OWNER_B_BLOCK {
         match Owner::decode(data) {
             Decoded::Empty => "owner: empty".into(),
             Decoded::Valid(o) => format!(
@@ -73,10 +98,10 @@ pub fn describe(block: u64, data: &Block) -> String {
         }
     } else {
         match Slot::decode(data) {
-            Decoded::Empty => format!("s{}: empty", block.saturating_sub(2)),
+            Decoded::Empty => format!("s{}: empty", block.saturating_sub(FIRST_SLOT_BLOCK)),
             Decoded::Valid(s) => format!(
                 "s{}: {:?} {}/{:04x} g{} max{} seq{}{}",
-                block.saturating_sub(2),
+                block.saturating_sub(FIRST_SLOT_BLOCK),
                 s.state,
                 s.name,
                 s.nonce & 0xffff,
@@ -89,7 +114,9 @@ pub fn describe(block: u64, data: &Block) -> String {
                     format!(" hd{}", s.params.host_dead_ms())
                 }
             ),
-            Decoded::Corrupt(r) => format!("s{}: CORRUPT ({r})", block.saturating_sub(2)),
+            Decoded::Corrupt(r) => {
+                format!("s{}: CORRUPT ({r})", block.saturating_sub(FIRST_SLOT_BLOCK))
+            }
         }
     }
 }
@@ -102,12 +129,12 @@ mod tests {
     fn torn_write_lands_a_prefix() {
         let mut d = Disk::formatted(2, Params::default());
         let data = [7u8; BLOCK];
-        assert!(d.write(3, &data, 3));
-        let b = d.read(3, 1).unwrap()[0];
+        assert!(d.write(4, &data, 3));
+        let b = d.read(4, 1).unwrap()[0];
         assert!(b[..3 * SECTOR].iter().all(|&x| x == 7));
         assert!(b[3 * SECTOR..].iter().all(|&x| x == 0));
-        assert!(d.read(3, 2).is_none());
-        assert!(!d.write(4, &data, 8));
-        assert!(describe(3, &b).contains("CORRUPT"));
+        assert!(d.read(4, 2).is_none());
+        assert!(!d.write(5, &data, 8));
+        assert!(describe(4, &b).contains("CORRUPT"));
     }
 }

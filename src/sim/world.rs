@@ -14,10 +14,11 @@ use super::oracle::{Invariant, Oracle, Tenure, Violation};
 use super::rng::Rng;
 use super::{Anomalies, FaultCounts, Options, Outcome, Sabotage};
 use crate::core::lease::{
-    Action, Event, Identity, Input, IoFailure, Layout, LeaseMachine, OWNER_BLOCK,
+    Action, Event, Identity, Input, IoFailure, Layout, LeaseMachine, FIRST_SLOT_BLOCK,
+    HEADER_BLOCK, OWNER_BLOCK, OWNER_B_BLOCK,
 };
 use crate::core::params::{Params, CLOCK_RATE_BOUND_PPM};
-use crate::core::record::{Block, Decoded, Slot, SlotState};
+use crate::core::record::{Block, Decoded, Owner, Slot, SlotState};
 
 /// Steps of one node at one real instant before the machine counts as
 /// busy-looping.
@@ -324,6 +325,7 @@ impl<'a> World<'a> {
         let layout = Layout {
             max_slots,
             host_dead_ceiling_ms: ceiling,
+            volume_id: super::disk::SIM_VOLUME,
         };
         let nodes = params
             .iter()
@@ -783,9 +785,14 @@ impl<'a> World<'a> {
                 };
                 self.caller_at(n, at, true);
             }
-            Event::Released { .. } | Event::Stopped => {
+            // An Acquire that came while the release was under way is kept by
+            // the machine: it seeks again after `Released` and will say
+            // `Acquired`; nothing to do for the caller.
+            Event::Released { .. } => {}
+            Event::Stopped => {
                 if self.nodes[n].wants {
-                    // The caller asked again while the release was under way.
+                    // Stopped although the caller wants the lease: the machine
+                    // dropped an Acquire. Count it and ask again.
                     self.anomalies.acquire_absorbed += 1;
                     self.nodes[n].wants = false;
                     let at = self.now + self.rng.range(0, 100);
@@ -1031,9 +1038,19 @@ impl<'a> World<'a> {
     fn start_write(&mut self, n: usize, block: u64, mut data: Box<Block>) {
         let Some(io) = self.new_io(n) else { return };
         if self.opts.sabotage == Some(Sabotage::UnderstatedParams) && n == 0 {
-            if let Decoded::Valid(mut s) = Slot::decode(&data) {
-                s.params = LIAR_PARAMS;
-                let lie = Box::new(s.encode());
+            // It lies in its slot and in the owner record alike.
+            let lie = match (Slot::decode(&data), Owner::decode(&data)) {
+                (Decoded::Valid(mut s), _) => {
+                    s.params = LIAR_PARAMS;
+                    Some(Box::new(s.encode()))
+                }
+                (_, Decoded::Valid(mut o)) => {
+                    o.params = LIAR_PARAMS;
+                    Some(Box::new(o.encode()))
+                }
+                _ => None,
+            };
+            if let Some(lie) = lie {
                 // Its own reads must see what its machine wrote, or it would
                 // think its slot was taken.
                 self.lies.push((lie.clone(), data));
@@ -1140,7 +1157,7 @@ impl<'a> World<'a> {
             return;
         };
         let torn = w.sectors < SECTORS_PER_BLOCK;
-        if w.block == OWNER_BLOCK {
+        if w.block == OWNER_BLOCK || w.block == OWNER_B_BLOCK {
             if torn || w.ghost {
                 let s = format!(
                     "{}write of crashed-or-failed {} lands on the owner record, replacing {}",
@@ -1161,7 +1178,7 @@ impl<'a> World<'a> {
             let s = format!(
                 "{}'s write lands on s{} over {}/{:04x}'s record ({:?} g{}): two nodes in one slot",
                 w.who,
-                w.block - 2,
+                w.block - FIRST_SLOT_BLOCK,
                 old.name,
                 old.nonce & 0xffff,
                 old.state,
@@ -1172,7 +1189,7 @@ impl<'a> World<'a> {
             let s = format!(
                 "write of crashed {} lands on s{} over its successor's record ({:?} g{})",
                 w.who,
-                w.block - 2,
+                w.block - FIRST_SLOT_BLOCK,
                 old.state,
                 old.generation
             );
@@ -1422,7 +1439,7 @@ fn describe_input(input: &Input) -> String {
             let parts = blocks
                 .iter()
                 .enumerate()
-                .map(|(i, b)| describe(OWNER_BLOCK + i as u64, b))
+                .map(|(i, b)| describe(HEADER_BLOCK + i as u64, b))
                 .collect::<Vec<_>>();
             format!("ReadDone(ok: {})", parts.join(" | "))
         }
