@@ -52,12 +52,12 @@ pub const AREA_SIZE: u64 = MIB;
 pub const AREA_ALIGN: u64 = MIB;
 /// Number of 4096-byte blocks in the area.
 pub const AREA_BLOCKS: u64 = AREA_SIZE / BLOCK as u64;
+/// Area block of slot 0; slot `i` is at `SLOT_BLOCK0 + i`.
+pub use crate::core::lease::FIRST_SLOT_BLOCK as SLOT_BLOCK0;
 /// Area block of header copy A (the lease machine re-reads it with every scan).
 pub use crate::core::lease::HEADER_BLOCK as HEADER_A_BLOCK;
 /// Area block of the owner record.
 pub use crate::core::lease::OWNER_BLOCK;
-/// Area block of slot 0; slot `i` is at `SLOT_BLOCK0 + i`.
-pub use crate::core::lease::FIRST_SLOT_BLOCK as SLOT_BLOCK0;
 /// Area block of header copy B.
 pub const HEADER_B_BLOCK: u64 = AREA_BLOCKS - 1;
 /// Number of slots a format creates unless told otherwise.
