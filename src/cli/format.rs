@@ -95,7 +95,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     if !args.force {
         let start = dev.read_at(0, PROBE_BYTES.min(area_offset as usize))?;
         let header = dev.read_at(area_offset, 4096)?;
-        if let Some(found) = probe(start.as_slice(), header.as_slice()) {
+        if let Some(found) = probe(start.as_slice(), header.as_slice(), area_offset) {
             bail!(
                 "{} holds {found}; refusing to format it. Use --force to destroy it \
                  (check with `blkid -p {}` first)",
