@@ -75,7 +75,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     for (i, n) in args.nodes.iter().enumerate() {
         check_node_name(n).with_context(|| format!("--node {n:?}"))?;
         if args.nodes[..i].contains(n) {
-            bail!("--node {n} is given twice: node names must be unique");
+            bail!("--node {n:?} is given twice: node names must be unique");
         }
     }
     if let Some(label) = &args.label {
