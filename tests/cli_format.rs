@@ -1110,22 +1110,25 @@ fn lease_acquire_exit_codes_are_as_documented() {
     assert_eq!(a.wait_exit(), 0, "released");
 
     // An error: parameters the volume cannot take.
-    let mut bad = Acquirer::start(lp.path(), "b", &["--lease-timeout-ms", "100"]);
-    assert_eq!(bad.wait_exit(), 1, "invalid parameters");
-    let out = bf(&[
-        "lease".as_ref(),
-        "acquire".as_ref(),
-        lp.os(),
-        "--node".as_ref(),
-        "b".as_ref(),
-        "--lease-timeout-ms".as_ref(),
-        "100".as_ref(),
-    ]);
-    refused(
-        "bad params",
-        &out,
-        &["invalid lease parameters", "at least"],
-    );
+    // Errors: parameters the volume cannot take, a name that fits no slot.
+    let long = "n".repeat(64);
+    let cases: [(&[&str], &[&str]); 3] = [
+        (
+            &["--node", "b", "--lease-timeout-ms", "100"],
+            &["invalid lease parameters", "at least"],
+        ),
+        (
+            &["--node", "b", "--lease-timeout-ms", "600000"],
+            &["above the ceiling", "shorter timeouts"],
+        ),
+        (&["--node", &long], &["--node", "1 to 63 bytes", "got 64"]),
+    ];
+    for (extra, words) in cases {
+        let mut args = vec!["lease".as_ref(), "acquire".as_ref(), lp.os()];
+        args.extend(extra.iter().map(OsStr::new));
+        refused(&format!("{extra:?}"), &bf(&args), words);
+    }
+    assert_eq!(inspect_json(lp.path())["owner"]["generation"], 1);
 }
 
 /// A bad --timeout is a usage error (2) that says what is wrong, never a panic.

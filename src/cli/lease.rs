@@ -3,7 +3,8 @@
 use crate::cli::exit;
 use crate::core::lease::Event;
 use crate::core::params::Params;
-use crate::disk::runner::{LeaseRunner, Outcome};
+use crate::disk::runner::{check_node_name, LeaseRunner, Outcome};
+use anyhow::Context;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -81,6 +82,7 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
 
 fn acquire(args: AcquireArgs) -> anyhow::Result<u8> {
     let timeout = args.timeout;
+    check_node_name(&args.node).with_context(|| format!("--node {:?}", args.node))?;
     let mut runner = LeaseRunner::open(&args.device, &args.node, |area| args.params(area))?;
     let stop = runner.stop_flag();
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
