@@ -14,6 +14,8 @@ use std::process::Command;
 
 /// Default number of node slots in a new lease area.
 pub const DEFAULT_SLOTS: u16 = 32;
+/// Longest ext4 volume label, in bytes (mkfs.ext4 would silently truncate).
+const EXT4_LABEL_MAX: usize = 16;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -43,7 +45,7 @@ pub struct Args {
     /// Default time the fence may take, ms.
     #[arg(long, default_value_t = crate::core::params::DEFAULT_FENCE_TIMEOUT_MS)]
     pub fence_timeout_ms: u32,
-    /// Filesystem label.
+    /// Filesystem label (at most 16 bytes).
     #[arg(long)]
     pub label: Option<String>,
 }
@@ -71,9 +73,17 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         );
     }
     for (i, n) in args.nodes.iter().enumerate() {
-        check_node_name(n)?;
+        check_node_name(n).with_context(|| format!("--node {n:?}"))?;
         if args.nodes[..i].contains(n) {
-            bail!("--node {n} is given twice: node names must be unique");
+            bail!("--node {n:?} is given twice: node names must be unique");
+        }
+    }
+    if let Some(label) = &args.label {
+        if label.len() > EXT4_LABEL_MAX {
+            bail!(
+                "--label {label:?} is {} bytes; an ext4 label holds at most {EXT4_LABEL_MAX}",
+                label.len()
+            );
         }
     }
     check_not_in_use(&args.device)?;
@@ -95,7 +105,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     if !args.force {
         let start = dev.read_at(0, PROBE_BYTES.min(area_offset as usize))?;
         let header = dev.read_at(area_offset, 4096)?;
-        if let Some(found) = probe(start.as_slice(), header.as_slice()) {
+        if let Some(found) = probe(start.as_slice(), header.as_slice(), area_offset) {
             bail!(
                 "{} holds {found}; refusing to format it. Use --force to destroy it \
                  (check with `blkid -p {}` first)",

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 pub struct Args {
     /// The enlarged block device (or image file). After growing the device
     /// itself (and `losetup -c` / a rescan so the kernel sees the new size), run
-    /// this, then the `resize2fs` command it prints.
+    /// this, then the `e2fsck -f` and `resize2fs` commands it prints.
     ///
     /// The lease must be free: no node may hold or claim it while the area
     /// moves (stop the database, release the lease). Nodes that still see the
@@ -47,9 +47,15 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         report.old_offset,
         report.new_offset
     );
+    // resize2fs refuses an unmounted filesystem mounted since its last check
+    // ("Please run 'e2fsck -f' first"), and one is unmounted while the lease
+    // is free, so the check is part of the procedure.
     println!(
-        "the filesystem may now grow to {} bytes; run:\n  {}",
+        "the filesystem may now grow to {} bytes; while it is unmounted, run:\n  \
+         e2fsck -f -p {}\n  {}\n(a filesystem mounted on this node grows online with the \
+         resize2fs command alone)",
         report.fs_max_bytes,
+        args.device.display(),
         report.resize2fs_command(&args.device)
     );
     Ok(crate::cli::exit::OK)

@@ -3,7 +3,8 @@
 use crate::cli::exit;
 use crate::core::lease::Event;
 use crate::core::params::Params;
-use crate::disk::runner::{LeaseRunner, Outcome};
+use crate::disk::runner::{check_node_name, LeaseRunner, Outcome};
+use anyhow::Context;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -32,8 +33,8 @@ pub struct AcquireArgs {
     #[arg(long, env = "BLOCKFENCE_NODE_NAME")]
     pub node: String,
     /// Give up after this many seconds without the lease (default: wait forever).
-    #[arg(long, value_name = "SECONDS")]
-    pub timeout: Option<f64>,
+    #[arg(long, value_name = "SECONDS", allow_negative_numbers = true, value_parser = parse_timeout)]
+    pub timeout: Option<Duration>,
     /// Deadline of every lease read and write, in ms (default: the area's).
     #[arg(long, env = "BLOCKFENCE_IO_TIMEOUT_MS")]
     pub io_timeout_ms: Option<u32>,
@@ -72,14 +73,23 @@ pub fn run(command: Command) -> anyhow::Result<u8> {
     }
 }
 
+/// `--timeout`: a number of seconds, `>= 0`, that a `Duration` can hold.
+/// Negative numbers reach this parser (rather than being taken for an option)
+/// so that `--timeout -1` is told what is wrong with it.
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| "not a number of seconds (e.g. 30 or 0.5)".to_string())?;
+    if !(secs.is_finite() && secs >= 0.0) {
+        return Err("must be a number of seconds >= 0 (leave it out to wait forever)".into());
+    }
+    Duration::try_from_secs_f64(secs).map_err(|_| "too large (leave it out to wait forever)".into())
+}
+
 fn acquire(args: AcquireArgs) -> anyhow::Result<u8> {
-    let timeout = match args.timeout {
-        Some(t) if !(t.is_finite() && t >= 0.0) => {
-            anyhow::bail!("--timeout must be a number of seconds >= 0 (got {t})")
-        }
-        Some(t) => Some(Duration::from_secs_f64(t)),
-        None => None,
-    };
+    let timeout = args.timeout;
+    check_node_name(&args.node).with_context(|| format!("--node {:?}", args.node))?;
     let mut runner = LeaseRunner::open(&args.device, &args.node, |area| args.params(area))?;
     let stop = runner.stop_flag();
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;

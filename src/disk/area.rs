@@ -746,7 +746,11 @@ pub fn grow_area<D: DeviceIo + ?Sized>(
                     });
                 }
             }
-            return Err(DiskError::NothingToGrow { path, offset: new });
+            return Err(DiskError::NothingToGrow {
+                path,
+                offset: new,
+                device_size: dev.size_bytes(),
+            });
         }
         other => return Err(verdict_error(dev, new, other)),
     }
@@ -770,7 +774,7 @@ pub fn grow_area<D: DeviceIo + ?Sized>(
             return Err(DiskError::OldAreaNotFound {
                 path,
                 below: new,
-                searched_bytes: opts.search_bytes,
+                searched_bytes: new - new.saturating_sub(opts.search_bytes).max(MIN_FS_BYTES),
             })
         }
     };

@@ -51,10 +51,15 @@ impl fmt::Display for IoOp {
 /// Everything that can go wrong in `disk`.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
-    #[error("no such device or file: {path}")]
+    #[error(
+        "no such device or file: {path}; check the path (`lsblk` lists this node's block devices)"
+    )]
     NoSuchDevice { path: PathBuf },
 
-    #[error("{path} is a {kind}, not a block device or a regular file")]
+    #[error(
+        "{path} is a {kind}, not a block device or a regular file: give the path of the \
+         volume's block device (`lsblk` lists this node's block devices)"
+    )]
     NotBlockDevice { path: PathBuf, kind: &'static str },
 
     #[error(
@@ -203,13 +208,23 @@ pub enum DiskError {
         new_offset: u64,
     },
 
-    #[error("the lease area on {path} is already at the end of the device (offset {offset}); nothing to grow")]
-    NothingToGrow { path: PathBuf, offset: u64 },
+    #[error(
+        "the lease area on {path} is already at the end of the device ({device_size} bytes, \
+         area at offset {offset}): nothing to grow. If the device was enlarged, make the \
+         kernel re-read its size first (`losetup -c DEV` for a loop device, `echo 1 > \
+         /sys/class/block/DEV/device/rescan` for SCSI, `nvme ns-rescan` for NVMe)"
+    )]
+    NothingToGrow {
+        path: PathBuf,
+        offset: u64,
+        device_size: u64,
+    },
 
     #[error(
         "no lease area found on {path}: searched {searched_bytes} bytes below offset \
-         {below} for an intact header. If the device grew by more than that, pass the \
-         old area offset explicitly"
+         {below} for an intact header. If the volume was never formatted, run `blockfence \
+         format {path}`; if the device grew by more than that, pass the old area's offset \
+         (`blockfence grow --old-offset BYTES`)"
     )]
     OldAreaNotFound {
         path: PathBuf,
@@ -218,8 +233,10 @@ pub enum DiskError {
     },
 
     #[error(
-        "refusing to move the lease area on {path}: {reason}. Run grow from the node that \
-         holds the lease, or stop blockfence on every node and force it"
+        "refusing to move the lease area on {path}: {reason}. Release the lease first \
+         (stop what holds it: SIGTERM its `blockfence lease acquire`) and run grow again; \
+         only if blockfence is stopped on every node (a crashed holder left a stale \
+         record), `blockfence grow --force`"
     )]
     GrowRefused { path: PathBuf, reason: String },
 

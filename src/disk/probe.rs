@@ -52,8 +52,9 @@ fn at(bytes: &[u8], offset: usize, magic: &[u8]) -> bool {
 }
 
 /// Names what `start` (the first bytes of the device) and `area_header` (the
-/// block where the lease area header would be) hold, or `None` if all zeros.
-pub fn probe(start: &[u8], area_header: &[u8]) -> Option<Found> {
+/// block where the lease area header would be, read at byte `area_offset`)
+/// hold, or `None` if all zeros.
+pub fn probe(start: &[u8], area_header: &[u8], area_offset: u64) -> Option<Found> {
     if at(area_header, 0, b"BFHD") {
         return Some(Found::LeaseArea);
     }
@@ -84,7 +85,9 @@ pub fn probe(start: &[u8], area_header: &[u8]) -> Option<Found> {
     area_header
         .iter()
         .position(|&b| b != 0)
-        .map(|_| Found::Data { offset: u64::MAX })
+        .map(|i| Found::Data {
+            offset: area_offset + i as u64,
+        })
 }
 
 #[cfg(test)]
@@ -97,7 +100,7 @@ mod tests {
 
     #[test]
     fn zeros_are_empty() {
-        assert_eq!(probe(&zeros(), &[0u8; 4096]), None);
+        assert_eq!(probe(&zeros(), &[0u8; 4096], 1 << 30), None);
     }
 
     #[test]
@@ -115,10 +118,26 @@ mod tests {
         for (off, magic, want) in cases {
             let mut b = zeros();
             b[*off..*off + magic.len()].copy_from_slice(magic);
-            assert_eq!(probe(&b, &[0u8; 4096]).as_ref(), Some(want), "{want}");
+            assert_eq!(
+                probe(&b, &[0u8; 4096], 1 << 30).as_ref(),
+                Some(want),
+                "{want}"
+            );
         }
         let mut h = [0u8; 4096];
         h[..4].copy_from_slice(b"BFHD");
-        assert_eq!(probe(&zeros(), &h), Some(Found::LeaseArea));
+        assert_eq!(probe(&zeros(), &h, 1 << 30), Some(Found::LeaseArea));
+    }
+
+    #[test]
+    fn data_in_the_area_block_is_reported_at_its_device_offset() {
+        let mut h = [0u8; 4096];
+        h[100] = 1;
+        assert_eq!(
+            probe(&zeros(), &h, 1 << 30),
+            Some(Found::Data {
+                offset: (1 << 30) + 100
+            })
+        );
     }
 }

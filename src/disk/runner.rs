@@ -162,7 +162,10 @@ impl LeaseRunner {
         timeout: Option<Duration>,
         on_event: &mut dyn FnMut(u64, &Event),
     ) -> Result<Outcome, RunnerError> {
-        let give_up_at = timeout.map(|t| self.now_ms() + t.as_millis() as u64);
+        let give_up_at = timeout.map(|t| {
+            let ms = u64::try_from(t.as_millis()).unwrap_or(u64::MAX);
+            self.now_ms().saturating_add(ms)
+        });
         let mut input = Input::Acquire;
         let mut release_sent = false;
         let mut timed_out = false;

@@ -70,6 +70,16 @@ fn keep_devices() -> bool {
 /// and /dev/fuse. Otherwise prints why and returns false so the test can
 /// return early (skip); with `BLOCKFENCE_REQUIRE_DEVICES=1` it panics instead.
 pub fn require_root_loop_fuse() -> bool {
+    require(true)
+}
+
+/// Like [`require_root_loop_fuse`], for tests that need root and loop devices
+/// but no FUSE.
+pub fn require_root_loop() -> bool {
+    require(false)
+}
+
+fn require(fuse: bool) -> bool {
     let mut missing = Vec::new();
     if !nix::unistd::geteuid().is_root() {
         missing.push("not running as root");
@@ -77,7 +87,7 @@ pub fn require_root_loop_fuse() -> bool {
     if !Path::new("/dev/loop-control").exists() {
         missing.push("no /dev/loop-control (loop driver not available)");
     }
-    if !Path::new("/dev/fuse").exists() {
+    if fuse && !Path::new("/dev/fuse").exists() {
         missing.push("no /dev/fuse (FUSE not available)");
     }
     if missing.is_empty() {
@@ -87,7 +97,12 @@ pub fn require_root_loop_fuse() -> bool {
     if env_is_1(REQUIRE_ENV) {
         panic!("{REQUIRE_ENV}=1 but this test cannot run: {reason}");
     }
-    eprintln!("SKIPPED: needs root, loop devices and FUSE: {reason}");
+    let needs = if fuse {
+        "root, loop devices and FUSE"
+    } else {
+        "root and loop devices"
+    };
+    eprintln!("SKIPPED: needs {needs}: {reason}");
     false
 }
 
