@@ -793,11 +793,11 @@ fn bad_format_options_are_refused_before_the_device_is_touched() {
     let cases: [(&[&str], &[&str]); 7] = [
         (
             &["--slots", "0"],
-            &["--slots", "between 1 and 253", "got 0"],
+            &["--slots", "between 1 and 252", "got 0"],
         ),
         (
             &["--slots", "999"],
-            &["--slots", "between 1 and 253", "got 999"],
+            &["--slots", "between 1 and 252", "got 999"],
         ),
         (
             &["--node", "a", "--node", "b", "--node", "a"],

@@ -212,17 +212,25 @@ fn race_rounds(names: &[&str], rounds: usize) {
             .iter()
             .map(|n| Acquirer::start(n.device(), n.name(), tx.clone(), &[]))
             .collect();
-        let mut log = Vec::new();
+        let mut log: Vec<Seen> = Vec::new();
+        // Events taken off the channel while waiting for something else.
+        let mut early: std::collections::VecDeque<Seen> = Default::default();
         let mut released_at: Option<Instant> = None;
         for _ in 0..names.len() {
             // The next acquired event, from whichever node.
             let seen = loop {
-                let s = rx
-                    .recv_timeout(Duration::from_secs(30))
-                    .unwrap_or_else(|e| {
-                        panic!("round {round}: nobody acquired ({e}); seen: {log:#?}")
-                    });
-                log.push(s.clone());
+                let s = match early.pop_front() {
+                    Some(s) => s,
+                    None => {
+                        let s = rx
+                            .recv_timeout(Duration::from_secs(30))
+                            .unwrap_or_else(|e| {
+                                panic!("round {round}: nobody acquired ({e}); seen: {log:#?}")
+                            });
+                        log.push(s.clone());
+                        s
+                    }
+                };
                 if s.kind() == "acquired" {
                     break s;
                 }
@@ -259,13 +267,20 @@ fn race_rounds(names: &[&str], rounds: usize) {
             }
             released_at = Some(Instant::now());
             procs[idx].signal(nix::sys::signal::Signal::SIGTERM);
-            wait_for(
-                &rx,
-                &mut log,
-                &seen.node,
-                "released",
-                Duration::from_secs(10),
-            );
+            // A waiting peer may take over (and say so) before the holder has
+            // written its owner copies and printed `released`: keep such
+            // events for the next turn.
+            let end = Instant::now() + Duration::from_secs(10);
+            loop {
+                let s = rx
+                    .recv_timeout(end.saturating_duration_since(Instant::now()))
+                    .unwrap_or_else(|e| panic!("round {round}: no release ({e}); seen: {log:#?}"));
+                log.push(s.clone());
+                if s.node == seen.node && s.kind() == "released" {
+                    break;
+                }
+                early.push_back(s);
+            }
             assert_eq!(
                 procs[idx].wait_exit(Duration::from_secs(10)),
                 0,
