@@ -13,11 +13,14 @@
 //! its trace.
 //!
 //! The `finding_*` tests pin the protocol bugs the simulation found, each to a
-//! seed and the smallest fault list that shows it, with a diagnosis. They fail
-//! until `src/core/lease.rs` is fixed, and guard the fixes afterwards. Until
-//! then `no_two_writers_and_generations_grow` fails too (with the default fault
-//! list; `BLOCKFENCE_SIM_FAULTS=none,crash,stall,io_errors,clock_drift,varied_params,churn`
-//! passes).
+//! seed and the smallest fault list that showed it, with a diagnosis. They
+//! failed until `src/core/lease.rs` was fixed (see docs/PROTOCOL.md for each
+//! fix) and guard the fixes now. One more bug was found after those fixes and
+//! has no pinned seed (the fix changed the schedules): a releaser wrote its slot
+//! `released` before its owner copies, so a delayed owner write of the releaser
+//! could land after the new holder's; with the new holder's slot then torn, the
+//! generation it was granted vanished and was granted again. The release now
+//! writes the owner copies first.
 
 use std::time::Instant;
 

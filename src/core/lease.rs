@@ -343,6 +343,8 @@ impl LeaseMachine {
     fn lose(&mut self, reason: LostReason, out: &mut Vec<Action>) {
         self.mode = Mode::Lost;
         self.release_requested = false;
+        // The caller must ask again (after fencing) to get a new grant.
+        self.want = false;
         let p = self.me.params;
         self.fence_until = self.valid_until + p.fence_timeout_ms as u64 + p.io_timeout_ms as u64;
         out.push(Action::Emit(Event::Lost {
@@ -486,7 +488,16 @@ impl LeaseMachine {
                 self.release_requested = false;
                 self.mode = Mode::Releasing;
                 self.release_clean = true;
-                self.write_slot(now, Op::ReleaseSlotWrite, SlotState::Released, out);
+                // Owner copies first, slot last: a peer takes over only once it
+                // sees the slot released, so these owner writes can never land
+                // after (and hide) the next holder's.
+                self.write_owner(
+                    now,
+                    Op::ReleaseOwnerWrite,
+                    OWNER_BLOCK,
+                    OwnerState::Released,
+                    out,
+                );
             }
             Mode::Holding if now >= self.next_renew => {
                 self.write_slot(now, Op::RenewWrite, SlotState::Hold, out);
@@ -605,16 +616,6 @@ impl LeaseMachine {
                     self.backoff(now);
                 }
             }
-            Op::ReleaseSlotWrite => {
-                self.release_clean &= ok;
-                self.write_owner(
-                    now,
-                    Op::ReleaseOwnerWrite,
-                    OWNER_BLOCK,
-                    OwnerState::Released,
-                    out,
-                );
-            }
             Op::ReleaseOwnerWrite => {
                 self.release_clean &= ok;
                 self.write_owner(
@@ -626,6 +627,10 @@ impl LeaseMachine {
                 );
             }
             Op::ReleaseOwnerWriteB => {
+                self.release_clean &= ok;
+                self.write_slot(now, Op::ReleaseSlotWrite, SlotState::Released, out);
+            }
+            Op::ReleaseSlotWrite => {
                 self.release_clean &= ok;
                 out.push(Action::Emit(Event::Released {
                     generation: self.generation,
