@@ -24,7 +24,7 @@ use blockfence::core::params::Params;
 use blockfence::disk::area::MIN_DEVICE_BYTES;
 use common::{
     is_mountpoint, pattern, read_direct, require_root_loop, run_with_timeout, write_direct,
-    CmdOutput,
+    CmdOutput, Scratch,
 };
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -56,47 +56,6 @@ fn area_offset(size: u64) -> u64 {
 
 // ---------------------------------------------------------------------------
 // Images, loop devices, mounts (undone on drop, also when a test panics)
-
-/// A scratch directory for images and mount points.
-struct Scratch(Option<tempfile::TempDir>);
-
-impl Scratch {
-    fn new() -> Scratch {
-        let base = std::env::var_os("BLOCKFENCE_TEST_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
-        std::fs::create_dir_all(&base).expect("test dir");
-        Scratch(Some(
-            tempfile::Builder::new()
-                .prefix("cli_format.")
-                .tempdir_in(base)
-                .expect("tempdir"),
-        ))
-    }
-
-    fn path(&self) -> &Path {
-        self.0.as_ref().expect("scratch dir").path()
-    }
-
-    /// A sparse image of `size` bytes.
-    fn image(&self, name: &str, size: u64) -> PathBuf {
-        let p = self.path().join(name);
-        File::create(&p)
-            .and_then(|f| f.set_len(size))
-            .expect("create image");
-        p
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if keep() {
-            if let Some(d) = self.0.take() {
-                eprintln!("kept {}", d.keep().display());
-            }
-        }
-    }
-}
 
 /// Runs a short tool, panicking with its stderr if it fails.
 fn must(program: &str, args: &[&OsStr]) -> String {
@@ -506,7 +465,7 @@ fn format_makes_a_plain_mountable_ext4_that_never_touches_the_lease_area() {
     if !require_root_loop() {
         return;
     }
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("cli_format.");
     // Not a multiple of 1 MiB: the area is at align_down(size) - 1 MiB.
     let size = 64 * MIB + 512 * 1024;
     let lp = Loop::attach(&scratch.image("vol.img", size), &[]);
@@ -584,7 +543,7 @@ fn format_sets_the_mmp_interval_from_the_lease_parameters() {
     if !require_root_loop() {
         return;
     }
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("cli_format.");
     let lp = Loop::attach(&scratch.image("vol.img", 64 * MIB), &[]);
     let slow = Params {
         lease_timeout_ms: 60_000,
@@ -614,7 +573,7 @@ fn format_refuses_existing_content_without_force_and_formats_with_it() {
     if !require_root_loop() {
         return;
     }
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("cli_format.");
     let size = 64 * MIB;
     let area = area_offset(size);
     let lp = Loop::attach(&scratch.image("vol.img", size), &[]);
@@ -701,7 +660,7 @@ fn format_refuses_a_device_below_the_minimum_size_and_says_the_minimum() {
     if !require_root_loop() {
         return;
     }
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("cli_format.");
     let lp = Loop::attach(&scratch.image("small.img", 8 * MIB), &[]);
     let min_mib = format!("{} MiB", MIN_DEVICE_BYTES / MIB);
     for force in [false, true] {
@@ -727,7 +686,7 @@ fn format_refuses_a_device_mounted_here_even_with_force() {
     if !require_root_loop() {
         return;
     }
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("cli_format.");
     let lp = Loop::attach(&scratch.image("vol.img", 64 * MIB), &[]);
     format_ok(lp.path(), &[]);
     let m = Mount::new(lp.path(), &scratch.path().join("mnt"));
@@ -786,7 +745,7 @@ fn bad_format_options_are_refused_before_the_device_is_touched() {
     if !require_root_loop() {
         return;
     }
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("cli_format.");
     let size = 64 * MIB;
     let lp = Loop::attach(&scratch.image("vol.img", size), &[]);
     let long = "n".repeat(64);
@@ -839,7 +798,7 @@ fn unformatted_devices_point_to_blockfence_format() {
     if !require_root_loop() {
         return;
     }
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("cli_format.");
     let lp = Loop::attach(&scratch.image("vol.img", 64 * MIB), &[]);
     let dev = lp.dev.to_string_lossy().into_owned();
     let hint = format!("blockfence format {dev}");
@@ -873,7 +832,7 @@ fn without_permission_every_command_says_so() {
         eprintln!("SKIPPED: no user nobody");
         return;
     }
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("cli_format.");
     let lp = Loop::attach(&scratch.image("vol.img", 64 * MIB), &[]);
     format_ok(lp.path(), &[]);
     let meta = std::fs::metadata(lp.path()).expect("stat");
@@ -913,7 +872,7 @@ fn grow_follows_the_documented_procedure() {
     if !require_root_loop() {
         return;
     }
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("cli_format.");
     let (old_size, new_size) = (64 * MIB, 128 * MIB);
     let (old_area, new_area) = (area_offset(old_size), area_offset(new_size));
     let image = scratch.image("vol.img", old_size);
@@ -1051,7 +1010,7 @@ fn grow_is_refused_while_the_lease_is_held() {
     if !require_root_loop() {
         return;
     }
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("cli_format.");
     let image = scratch.image("vol.img", 64 * MIB);
     let lp = Loop::attach(&image, &[]);
     format_ok(lp.path(), &["--node", "a"]);
@@ -1090,7 +1049,7 @@ fn lease_acquire_exit_codes_are_as_documented() {
     if !require_root_loop() {
         return;
     }
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("cli_format.");
     let lp = Loop::attach(&scratch.image("vol.img", 64 * MIB), &[]);
     format_ok(lp.path(), &["--node", "a", "--node", "b"]);
     let mut a = Acquirer::start(lp.path(), "a", &[]);

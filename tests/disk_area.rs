@@ -9,6 +9,9 @@
 //! images go (default: cargo's per-target tmp dir; it must support O_DIRECT,
 //! so not tmpfs).
 
+mod common;
+
+use common::Scratch;
 use std::fs::OpenOptions;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -69,46 +72,6 @@ fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
 
 fn must(cmd: &str, args: &[&str]) -> String {
     run(cmd, args).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// A scratch directory for images; kept with `BLOCKFENCE_KEEP_DEVICES`.
-struct Scratch(Option<tempfile::TempDir>);
-
-impl Scratch {
-    fn new() -> Scratch {
-        let base = std::env::var_os("BLOCKFENCE_TEST_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
-        std::fs::create_dir_all(&base).expect("test dir");
-        Scratch(Some(
-            tempfile::Builder::new()
-                .prefix("disk_area.")
-                .tempdir_in(base)
-                .expect("tempdir"),
-        ))
-    }
-
-    fn path(&self) -> &Path {
-        self.0.as_ref().expect("scratch dir").path()
-    }
-
-    /// A sparse image of `size` bytes.
-    fn image(&self, name: &str, size: u64) -> PathBuf {
-        let p = self.path().join(name);
-        let f = std::fs::File::create(&p).expect("create image");
-        f.set_len(size).expect("size image");
-        p
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if keep() {
-            if let Some(d) = self.0.take() {
-                eprintln!("kept {}", d.keep().display());
-            }
-        }
-    }
 }
 
 /// Serialises `losetup -f` within this test binary (other processes may race;
@@ -224,7 +187,7 @@ fn slot(index: u16, seq: u64) -> Slot {
 #[test]
 fn sector_sizes_are_read_from_loop_devices() {
     skip_unless_root!();
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("disk_area.");
     let image = scratch.image("sectors.img", 64 * MIB);
     for (extra, logical) in [(&[][..], 512u32), (&["--sector-size", "4096"][..], 4096)] {
         let lo = Loop::attach(&image, extra);
@@ -265,7 +228,7 @@ fn sector_sizes_are_read_from_loop_devices() {
 #[test]
 fn format_and_open_on_512_and_4096_byte_sector_loops() {
     skip_unless_root!();
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("disk_area.");
     for (name, extra, logical) in [
         ("f512.img", &[][..], 512u32),
         ("f4096.img", &["--sector-size", "4096"][..], 4096),
@@ -303,7 +266,7 @@ fn format_and_open_on_512_and_4096_byte_sector_loops() {
 #[test]
 fn a_regular_file_image_works_too() {
     skip_unless_root!();
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("disk_area.");
     let image = scratch.image("plain.img", 32 * MIB);
     let dev = BlockDevice::open(&image, Access::ReadWrite).expect("open file");
     assert_eq!(dev.kind(), DeviceKind::RegularFile);
@@ -321,7 +284,7 @@ fn a_regular_file_image_works_too() {
 #[test]
 fn two_loop_devices_over_one_image_see_each_others_writes_at_once() {
     skip_unless_root!();
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("disk_area.");
     let image = scratch.image("shared.img", 64 * MIB);
     // Node A with 512-byte sectors, node B with 4096: one disk, two views.
     let lo_a = Loop::attach(&image, &[]);
@@ -394,7 +357,7 @@ fn two_loop_devices_over_one_image_see_each_others_writes_at_once() {
 #[test]
 fn grow_on_a_loop_device() {
     skip_unless_root!();
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("disk_area.");
     let image = scratch.image("grow.img", 64 * MIB);
     let lo = Loop::attach(&image, &[]);
     let info = format(&lo.open());
@@ -553,7 +516,7 @@ fn deadline_holds_while_a_real_write_hangs() {
             return;
         }
     }
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("disk_area.");
     // An ext4 filesystem of our own, holding the image of the lease device.
     let outer = scratch.image("outer.img", 128 * MIB);
     must("mkfs.ext4", &["-q", "-F", outer.to_str().expect("utf-8")]);

@@ -742,3 +742,46 @@ impl Footprint {
         found
     }
 }
+
+/// A scratch directory for images and mount points under cargo's test tmp dir
+/// (or `BLOCKFENCE_TEST_DIR`); kept with `BLOCKFENCE_KEEP_DEVICES=1`.
+pub struct Scratch(Option<tempfile::TempDir>);
+
+impl Scratch {
+    /// A fresh directory whose name starts with `prefix`.
+    pub fn new(prefix: &str) -> Scratch {
+        let base = std::env::var_os("BLOCKFENCE_TEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
+        std::fs::create_dir_all(&base).expect("test dir");
+        Scratch(Some(
+            tempfile::Builder::new()
+                .prefix(prefix)
+                .tempdir_in(base)
+                .expect("tempdir"),
+        ))
+    }
+
+    pub fn path(&self) -> &Path {
+        self.0.as_ref().expect("scratch dir").path()
+    }
+
+    /// A sparse image of `size` bytes.
+    pub fn image(&self, name: &str, size: u64) -> PathBuf {
+        let p = self.path().join(name);
+        File::create(&p)
+            .and_then(|f| f.set_len(size))
+            .expect("create image");
+        p
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if keep_devices() {
+            if let Some(d) = self.0.take() {
+                eprintln!("{KEEP_ENV}=1: kept {}", d.keep().display());
+            }
+        }
+    }
+}
