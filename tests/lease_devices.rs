@@ -494,7 +494,10 @@ fn mmp_clean_after_a_takeover_from_a_crashed_mounted_holder() {
     let dev_a = c.nodes[0].device().to_str().expect("utf-8").to_string();
     common::run_ok("mount", &[&dev_a, dir_a.path().to_str().expect("utf-8")]).expect("mount on a");
     std::fs::write(dir_a.path().join("from-a"), b"written by a").expect("write on a");
-    common::run_ok("sync", &[]).expect("sync");
+    // syncfs of this filesystem only: a plain `sync` would also wait for other
+    // tests' filesystems, some on storage paths they stalled on purpose.
+    let file = dir_a.path().join("from-a");
+    common::run_ok("sync", &["-f", file.to_str().expect("utf-8")]).expect("sync -f");
     // node-a dies with the filesystem mounted: path cut, process killed.
     c.nodes[0].set_mode(Mode::Eio).expect("cut path");
     c.nodes[0].crash(&mut a.child).expect("crash a");
