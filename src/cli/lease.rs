@@ -90,10 +90,13 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
 fn acquire(args: AcquireArgs) -> anyhow::Result<u8> {
     let timeout = args.timeout;
     check_node_name(&args.node).with_context(|| format!("--node {:?}", args.node))?;
-    let mut runner = LeaseRunner::open(&args.device, &args.node, |area| args.params(area))?;
-    let stop = runner.stop_flag();
+    // Handlers first: a SIGTERM that arrives while the device is being opened
+    // then ends the run with the interrupted code, not the signal's default.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
-    signal_hook::flag::register(signal_hook::consts::SIGINT, stop)?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+    let mut runner = LeaseRunner::open(&args.device, &args.node, |area| args.params(area))?;
+    runner.use_stop_flag(stop);
     let device = args.device.clone();
     let mmp_clean = args.mmp_clean;
     let outcome = runner.run(timeout, &mut |now_ms, event| {

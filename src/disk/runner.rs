@@ -144,6 +144,12 @@ impl LeaseRunner {
         self.stop.clone()
     }
 
+    /// Uses `flag` as the stop flag (one registered with signal handlers
+    /// before the device was opened, so no signal is lost in between).
+    pub fn use_stop_flag(&mut self, flag: Arc<AtomicBool>) {
+        self.stop = flag;
+    }
+
     /// I/O performed so far.
     pub fn io_counts(&self) -> IoCounts {
         self.counts
