@@ -15,14 +15,19 @@
 //!   unchanged for the `host_dead` of *that slot's* parameters, timed on this
 //!   node's clock; it then writes `Claim(gen)` to its own slot, and when that
 //!   write has completed, reads all slots again: any other live `Claim`/`Hold`
-//!   means conflict, and it withdraws (writes `Idle`) and backs off; otherwise
-//!   it writes the owner record and holds the lease;
+//!   means conflict, and it withdraws (writes `Idle`) and backs off; so does a
+//!   generation seen at or above its own; otherwise it writes both owner
+//!   copies and holds the lease;
+//! - the owner record is a second witness: while it names a holder, that
+//!   holder's slot must show the holder letting go, or be unchanged for its
+//!   `host_dead`, before anyone claims;
 //! - the holder renews by rewriting its own slot every `renew_interval`; it may
 //!   write the volume until `lease_timeout` after the *start* of its last
 //!   renewal that completed within `io_timeout`, then it is [`Event::Lost`] and
-//!   must be fenced within `fence_timeout`;
-//! - release writes `Released` to the slot (then the owner record); a waiting
-//!   peer takes over at its next read, with no wait.
+//!   must be fenced within `fence_timeout`; it seeks again only when asked,
+//!   and not before that fence window has passed;
+//! - release writes `Released` to both owner copies, then to the slot; a
+//!   waiting peer takes over at its next read, with no wait.
 //!
 //! Invariants kept here (checked by the simulation after every step):
 //! - at most one node holds the lease at any real time, counting each holder's
