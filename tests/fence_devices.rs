@@ -192,10 +192,20 @@ fn fence_stops_every_writer_on_a_loop_mount() {
             .spawn()
             .expect("spawn sleep"),
     );
-    // Only holds a shared mapping (the file is closed), cwd elsewhere.
+    // Only holds a shared mapping (the file is closed), cwd elsewhere. Python's
+    // own mmap module keeps a dup of the descriptor, so mmap(2) via ctypes.
     let map_script = format!(
-        "import mmap, sys\nf = open('{}', 'r+b')\nm = mmap.mmap(f.fileno(), 4096)\nf.close()\n\
-         print('started', flush=True)\nsys.stdin.read()\n",
+        "import ctypes, os, sys\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         libc.mmap.restype = ctypes.c_void_p\n\
+         libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, \
+         ctypes.c_int, ctypes.c_long]\n\
+         fd = os.open('{}', os.O_RDWR)\n\
+         p = libc.mmap(None, 4096, 3, 1, fd, 0)\n\
+         assert p not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()\n\
+         os.close(fd)\n\
+         print('started', flush=True)\n\
+         sys.stdin.read()\n",
         dir.join("mapped").display()
     );
     let mapper = Command::new("python3")
@@ -223,6 +233,16 @@ fn fence_stops_every_writer_on_a_loop_mount() {
     assert_eq!(read_line(&mut outs[1]).trim(), "round");
     if have_mapper {
         assert_eq!(read_line(&mut outs[2]).trim(), "started", "mmap holder");
+        // It holds the mount by the mapping alone.
+        let pid = kids.0[3].id();
+        let fds: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .collect();
+        assert!(!fds.iter().any(|f| f.starts_with(&dir)), "{fds:?}");
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+        assert!(maps.contains(dir.join("mapped").to_str().expect("UTF-8")));
     }
     // The log exists on the device with some lines (else it would only be in
     // the journal that the shutdown discards).

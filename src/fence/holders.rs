@@ -1,22 +1,30 @@
 //! Finding and killing the processes that hold a filesystem, from /proc.
 //!
 //! A process *holds* the filesystem if any of its open files, its cwd, its root
-//! or a file mapping is on it. Files are matched by device (`st_dev` of the
-//! `/proc/PID/fd/N`, `cwd` and `root` targets against the mount's
-//! `major:minor` from /proc/self/mountinfo; the `dev` column of
-//! `/proc/PID/maps`) and, for open files, also by mount id (`mnt_id:` in
-//! `/proc/PID/fdinfo/N`), which needs no call into the filesystem at all. So a
-//! holder is found through any path, deleted files included, and also through
-//! another mount (bind mount) of the same filesystem.
+//! or a file mapping is on it. The scan never calls into any filesystem (a
+//! `stat` of a file on a stalled FUSE or NFS mount of some other process
+//! would hang the kill step): it reads only /proc text and mount ids.
+//! - The filesystem is its device number (`major:minor` in mountinfo, the
+//!   `st_dev` of its files); its *mount ids* are those of every mount with
+//!   that device, collected from the mountinfo of every mount namespace a
+//!   process is in (containers see the volume through their own bind mounts).
+//! - Open files: `mnt_id:` of `/proc/PID/fdinfo/N`.
+//! - cwd and root: opened here with `O_PATH` through the `/proc/PID/cwd` magic
+//!   link (no lookup, no open in the target filesystem), then `mnt_id:` of our
+//!   own fdinfo.
+//! - Mappings: the `dev` column of `/proc/PID/maps`.
 //!
 //! PID 1 and this process are never killed. Scanning and killing repeat until a
 //! scan finds no holder (a process may fork or open a file between the scan and
-//! the kill), at most [`MAX_ROUNDS`] times. Not covered: threads that left
-//! their process's fs context (`unshare(CLONE_FS)`) with a cwd on the mount.
+//! the kill), at most [`MAX_ROUNDS`] times. Not covered: a descriptor on a
+//! mount of the filesystem that is in no namespace's mountinfo any more (lazily
+//! detached) and not mapped; threads that left their process's fs context
+//! (`unshare(CLONE_FS)`) with a cwd on the mount.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::fs;
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -113,32 +121,63 @@ fn maps_line_on(line: &str, dev: u64) -> bool {
     inode != "0" && nix::sys::stat::makedev(major, minor) == dev
 }
 
-/// Whether process `pid` holds the filesystem of `m`.
-fn holds(pid: i32, m: &MountEntry) -> bool {
+/// The `mnt_id:` field of an fdinfo file.
+fn fdinfo_mnt_id(path: &Path) -> Option<u64> {
+    let text = fs::read_to_string(path).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("mnt_id:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The mount id of what the magic link `link` (`/proc/PID/cwd`, `root`) points
+/// to, without calling into that filesystem: an `O_PATH` open of the link's
+/// target, then our own fdinfo.
+fn link_mnt_id(link: &Path) -> Option<u64> {
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(link)
+        .ok()?;
+    fdinfo_mnt_id(Path::new(&format!("/proc/self/fdinfo/{}", f.as_raw_fd())))
+}
+
+/// The mount ids of the filesystem of `m` in every mount namespace of `pids`.
+fn mount_ids(m: &MountEntry, pids: &[i32]) -> HashSet<u64> {
+    let mut ids: HashSet<u64> = HashSet::from([m.mount_id]);
+    let mut seen_ns = HashSet::new();
+    for pid in std::iter::once(std::process::id() as i32).chain(pids.iter().copied()) {
+        let Ok(ns) = fs::read_link(format!("/proc/{pid}/ns/mnt")) else {
+            continue;
+        };
+        if !seen_ns.insert(ns) {
+            continue;
+        }
+        if let Ok(text) = fs::read_to_string(format!("/proc/{pid}/mountinfo")) {
+            ids.extend(
+                parse_mountinfo(&text)
+                    .into_iter()
+                    .filter(|e| e.dev == m.dev)
+                    .map(|e| e.mount_id),
+            );
+        }
+    }
+    ids
+}
+
+/// Whether process `pid` holds the filesystem (device `dev`, mount ids `ids`).
+fn holds(pid: i32, dev: u64, ids: &HashSet<u64>) -> bool {
     let base = PathBuf::from(format!("/proc/{pid}"));
-    let on = |p: &Path| fs::metadata(p).is_ok_and(|md| md.dev() == m.dev);
-    if on(&base.join("cwd")) || on(&base.join("root")) {
+    let on = |id: Option<u64>| id.is_some_and(|id| ids.contains(&id));
+    if on(link_mnt_id(&base.join("cwd"))) || on(link_mnt_id(&base.join("root"))) {
         return true;
     }
-    if let Ok(fds) = fs::read_dir(base.join("fd")) {
-        for fd in fds.flatten() {
-            if on(&fd.path()) {
-                return true;
-            }
-            let info = base.join("fdinfo").join(fd.file_name());
-            if let Ok(text) = fs::read_to_string(info) {
-                let id = text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("mnt_id:"))
-                    .and_then(|v| v.trim().parse::<u64>().ok());
-                if id == Some(m.mount_id) {
-                    return true;
-                }
-            }
+    if let Ok(fds) = fs::read_dir(base.join("fdinfo")) {
+        if fds.flatten().any(|fd| on(fdinfo_mnt_id(&fd.path()))) {
+            return true;
         }
     }
     if let Ok(maps) = fs::read_to_string(base.join("maps")) {
-        if maps.lines().any(|l| maps_line_on(l, m.dev)) {
+        if maps.lines().any(|l| maps_line_on(l, dev)) {
             return true;
         }
     }
@@ -153,19 +192,16 @@ pub fn scan(m: &MountEntry) -> Result<Vec<i32>, FenceError> {
         path: proc_dir.to_path_buf(),
         source,
     })?;
-    let mut found = Vec::new();
-    for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        if pid <= 1 || pid == me {
-            continue;
-        }
-        if holds(pid, m) {
-            found.push(pid);
-        }
-    }
-    Ok(found)
+    let pids: Vec<i32> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+        .filter(|&pid| pid > 1 && pid != me)
+        .collect();
+    let ids = mount_ids(m, &pids);
+    Ok(pids
+        .into_iter()
+        .filter(|&pid| holds(pid, m.dev, &ids))
+        .collect())
 }
 
 /// Whether `pid` has exited (gone, or a zombie: its files are released).
