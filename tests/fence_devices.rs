@@ -3,8 +3,10 @@
 //! fence run against the mount, and the device read back through loop B with
 //! O_DIRECT (no page cache shared with A) to show that nothing lands after it.
 //!
-//! Also, without devices: a kill step that never finishes, through the
-//! recording fake, stops the watchdog stand-in from being fed.
+//! Also: a kill step that never finishes (the recording fake, no devices)
+//! stops the watchdog stand-in from being fed; and on a tmpfs mount, where the
+//! shutdown ioctl is refused, the watchdog is starved but the real kill and
+//! unmount still run.
 //!
 //! Needs root and /dev/loop-control (skips otherwise, printing why;
 //! `BLOCKFENCE_REQUIRE_DEVICES=1` fails instead).
@@ -451,4 +453,71 @@ fn a_kill_step_that_never_finishes_stops_the_watchdog_feeds() {
         calls,
         vec![Step::Shutdown, Step::KillHolders, Step::Unmount]
     );
+}
+
+#[test]
+fn a_failed_shutdown_starves_but_the_real_kill_and_unmount_still_run() {
+    // tmpfs is not ext4: the shutdown ioctl is refused, and the rest of the
+    // fence must still be carried out.
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: needs root (mount): not running as root");
+        return;
+    }
+    let mnt = MountDir(
+        tempfile::Builder::new()
+            .prefix("bf-fence-tmpfs-")
+            .tempdir()
+            .unwrap(),
+    );
+    let dir = mnt.0.path().to_path_buf();
+    let dir_arg = dir.to_str().expect("UTF-8");
+    run_ok("mount", &["-t", "tmpfs", "-o", "size=1m", "tmpfs", dir_arg]).unwrap();
+    let mut kids = Children::default();
+    // Holds the mount by its cwd only.
+    kids.0.push(
+        Command::new("sleep")
+            .arg("1000")
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn sleep"),
+    );
+    let pid = kids.0[0].id() as i32;
+    let wd_dir = tempfile::tempdir().unwrap();
+    let wd_path = wd_dir.path().join("watchdog");
+    File::create(&wd_path).unwrap();
+    let mut wd = Timed {
+        inner: FileWatchdog::open(&wd_path).unwrap(),
+        feeds: Vec::new(),
+    };
+    let report = run_fence(
+        Arc::new(SystemOps),
+        &mut wd,
+        &dir,
+        Instant::now() + FENCE_BUDGET,
+    );
+    eprintln!("{}", serde_json::to_string(&report).unwrap());
+    assert!(!report.ok);
+    assert_eq!(
+        report.starved,
+        Some(StarveReason::StepFailed {
+            step: Step::Shutdown
+        })
+    );
+    assert!(
+        report.errors[0]
+            .as_deref()
+            .is_some_and(|e| e.contains("not on an ext4")),
+        "{report:?}"
+    );
+    assert_eq!(
+        report.steps.map(|s| s.outcome),
+        [Outcome::Failed, Outcome::Ok, Outcome::Ok]
+    );
+    assert_eq!(report.killed, vec![pid]);
+    assert!(!is_mountpoint(&dir));
+    assert!(wd.is_starved());
+    let child = kids.0.pop().expect("the sleep");
+    let status = wait_exit(child, Duration::from_secs(10)).expect("killed");
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
 }
