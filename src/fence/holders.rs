@@ -19,7 +19,9 @@
 //! the kill), at most [`MAX_ROUNDS`] times. Not covered: a descriptor on a
 //! mount of the filesystem that is in no namespace's mountinfo any more (lazily
 //! detached) and not mapped; threads that left their process's fs context
-//! (`unshare(CLONE_FS)`) with a cwd on the mount.
+//! (`unshare(CLONE_FS)`) with a cwd on the mount. One call can still reach a
+//! filesystem: the kernel weakly revalidates the target of a followed magic
+//! link, which on NFS (not FUSE) may ask the server about a process's cwd.
 
 use std::collections::{BTreeSet, HashSet};
 use std::fs;
