@@ -9,11 +9,15 @@
 //!   - [`core::record`]: the on-disk records (header, owner, slots), versions,
 //!     checksums.
 //!   - [`core::lease`]: the lease protocol, `step(now, input) -> actions`.
+//!   - [`core::fence`]: the fence (shutdown, kill holders, unmount, else starve
+//!     the watchdog), `step(now, input) -> actions`.
 //! - [`disk`]: O_DIRECT block I/O with deadlines, sector sizes, the lease area
 //!   on a device (locate, format, grow), and the driver that runs the lease
 //!   machine against a device.
 //! - [`ext4`]: superblock and MMP parsing, MMP checks, marking MMP clean, the
 //!   shutdown ioctl.
+//! - [`fence`]: carrying out the fence on this node (ioctl, /proc scan, kill,
+//!   umount, watchdog) and the driver that runs the fence machine.
 //! - [`cli`]: the `blockfence` subcommands.
 //!
 //! See ARCHITECTURE.md for how the parts fit and docs/PROTOCOL.md for the lease
@@ -23,4 +27,5 @@ pub mod cli;
 pub mod core;
 pub mod disk;
 pub mod ext4;
+pub mod fence;
 pub mod sim;

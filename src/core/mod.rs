@@ -5,6 +5,7 @@
 //! in `tests/sim.rs` can drive many nodes over one simulated disk
 //! deterministically.
 
+pub mod fence;
 pub mod lease;
 pub mod params;
 pub mod record;
