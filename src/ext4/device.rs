@@ -80,7 +80,7 @@ impl Ext4Device {
     /// Reads and parses the superblock, bypassing the page cache.
     pub fn read_superblock(&self) -> Result<Superblock, Ext4Error> {
         // The superblock is bytes 1024..2048 of the first aligned unit.
-        let mut buf = AlignedBuf::zeroed(1);
+        let mut buf = AlignedBuf::zeroed_blocks(1);
         read_exact_at(&self.file, &self.path, &mut buf, 0)?;
         let start = SUPERBLOCK_OFFSET as usize;
         Superblock::parse(&buf.as_slice()[start..start + SUPERBLOCK_SIZE])
@@ -95,7 +95,7 @@ impl Ext4Device {
         // Blocks are >= 1024 bytes and 1024-aligned, so the 1024-byte structure
         // never crosses a 4096-byte unit boundary.
         let within = (offset - unit_offset) as usize;
-        let mut buf = AlignedBuf::zeroed(1);
+        let mut buf = AlignedBuf::zeroed_blocks(1);
         read_exact_at(&self.file, &self.path, &mut buf, unit_offset)?;
         let mmp = Mmp::parse(&buf.as_slice()[within..within + MMP_SIZE], &sb)
             .map_err(|e| self.invalid(e))?;
