@@ -14,11 +14,15 @@
 //!   machine against a device.
 //! - [`ext4`]: superblock and MMP parsing, MMP checks, marking MMP clean, the
 //!   shutdown ioctl.
+//! - [`api`]: the node-local HTTP API (Unix socket, optional loopback TCP):
+//!   handlers turn requests into commands sent over a channel to the backend
+//!   that owns the lease state; [`api::fake`] is an in-memory backend.
 //! - [`cli`]: the `blockfence` subcommands.
 //!
 //! See ARCHITECTURE.md for how the parts fit and docs/PROTOCOL.md for the lease
 //! protocol and its safety argument.
 
+pub mod api;
 pub mod cli;
 pub mod core;
 pub mod disk;
