@@ -18,11 +18,16 @@
 //!   shutdown ioctl.
 //! - [`fence`]: carrying out the fence on this node (ioctl, /proc scan, kill,
 //!   umount, watchdog) and the driver that runs the fence machine.
+//! - [`api`]: the node-local HTTP API (Unix socket, optional loopback TCP):
+//!   handlers turn requests into commands sent over a channel to the backend
+//!   that owns the lease state; [`api::fake`] is an in-memory backend.
+//! - [`sim`]: the deterministic simulation of the lease protocol.
 //! - [`cli`]: the `blockfence` subcommands.
 //!
 //! See ARCHITECTURE.md for how the parts fit and docs/PROTOCOL.md for the lease
 //! protocol and its safety argument.
 
+pub mod api;
 pub mod cli;
 pub mod core;
 pub mod disk;

@@ -1,0 +1,267 @@
+//! The node-local HTTP API: parse a request, turn it into a [`Command`], send it
+//! over a channel to whatever owns the lease state, await the reply, render it.
+//!
+//! Invariants:
+//! - Handlers never touch lease state. The only thing they hold is an
+//!   `mpsc::Sender<Command>`; each command carries a `oneshot::Sender` for its
+//!   reply. The owner of the receiver (the daemon later, [`fake::FakeBackend`]
+//!   now) is the "backend".
+//! - Every answer, error or not, is JSON except `/metrics` (text/plain). Errors
+//!   have the shape `{"error": code, "message": text}` (plus `holder` when a
+//!   volume is held by someone else); see docs/openapi.yaml.
+//! - Nothing here panics on bad input: malformed bodies, paths and methods are
+//!   400/404/405 with a JSON body.
+//!
+//! Layout: this file holds the wire types and the command set; [`router`] the
+//! axum handlers; [`serve`] the listeners (Unix socket, optional loopback TCP);
+//! [`fake`] an in-memory backend for tests and a future `--fake` dev mode.
+
+pub mod fake;
+pub mod router;
+pub mod serve;
+
+pub use router::router;
+pub use serve::{ServeConfig, ServeError, Server};
+
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// Longest `timeout_seconds` an acquire may ask for.
+pub const MAX_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Mount options every grant carries: a filesystem error must stop writes
+/// rather than let a node that lost the lease carry on.
+pub const REQUIRED_MOUNT_OPTIONS: &[&str] = &["errors=remount-ro"];
+
+/// Whether a volume has a writer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VolumeState {
+    /// Nobody holds the lease.
+    Free,
+    /// A node holds the lease (this one or another).
+    Held,
+}
+
+/// This node's fencing state for a volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FenceState {
+    /// This node does not write the volume; nothing to fence.
+    Idle,
+    /// This node writes the volume; the fence fires if renewals stop.
+    Armed,
+    /// The fence has fired: writes were stopped.
+    Fenced,
+}
+
+/// What `GET /v1/volumes[/{volume}]` reports for one volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeStatus {
+    /// The volume's name.
+    pub volume: String,
+    /// Free or held.
+    pub state: VolumeState,
+    /// Who holds it (a node name, or a local holder name), if anyone.
+    pub holder: Option<String>,
+    /// The lease generation (grows with every new holder).
+    pub generation: u64,
+    /// Milliseconds since the holder last renewed, if held.
+    pub since_renewal_ms: Option<u64>,
+    /// This node's fencing state.
+    pub fence_state: FenceState,
+}
+
+/// What a successful acquire (and keepalive) returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    /// Opaque session id: send it to keepalive and release.
+    pub session: String,
+    /// The lease generation this grant belongs to.
+    pub generation: u64,
+    /// The block device to mount.
+    pub device: String,
+    /// Mount options to use; always includes [`REQUIRED_MOUNT_OPTIONS`].
+    pub mount_options: Vec<String>,
+    /// How long the grant stays valid without a keepalive, in milliseconds.
+    pub valid_for_ms: u64,
+}
+
+/// The machine-readable part of an error: the `error` field of the JSON body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Malformed request: bad JSON, missing or wrong-typed field, bad value.
+    BadRequest,
+    /// No such path.
+    NotFound,
+    /// The path exists, the method does not.
+    MethodNotAllowed,
+    /// No such volume on this node.
+    UnknownVolume,
+    /// No such session (never granted, released, or handed over).
+    UnknownSession,
+    /// The session belongs to another volume.
+    SessionMismatch,
+    /// Acquire timed out: somebody else holds the volume (`holder` names them).
+    Held,
+    /// Handover of a volume that nobody holds.
+    NotHeld,
+    /// The backend did not answer (not started, stopped, or too slow).
+    Unavailable,
+}
+
+impl ErrorCode {
+    /// The HTTP status this code is sent with.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorCode::NotFound | ErrorCode::UnknownVolume | ErrorCode::UnknownSession => {
+                StatusCode::NOT_FOUND
+            }
+            ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::SessionMismatch | ErrorCode::Held | ErrorCode::NotHeld => {
+                StatusCode::CONFLICT
+            }
+            ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+/// An error answer: status, code and a message for people, rendered as
+/// `{"error": code, "message": message}` (and `"holder"` when known).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{status} {code:?}: {message}")]
+pub struct ApiError {
+    /// HTTP status; always `code.status()` when built with [`ApiError::new`].
+    pub status: StatusCode,
+    /// Machine-readable code.
+    pub code: ErrorCode,
+    /// What happened and, where it helps, what to do.
+    pub message: String,
+    /// Who holds the volume, for [`ErrorCode::Held`].
+    pub holder: Option<String>,
+}
+
+impl ApiError {
+    /// An error with the status that belongs to `code`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: code.status(),
+            code,
+            message: message.into(),
+            holder: None,
+        }
+    }
+
+    /// 400 bad_request.
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorCode::BadRequest, message)
+    }
+
+    /// 404 unknown_volume.
+    pub fn unknown_volume(volume: &str) -> ApiError {
+        ApiError::new(
+            ErrorCode::UnknownVolume,
+            format!("no volume named {volume:?} on this node (GET /v1/volumes lists them)"),
+        )
+    }
+
+    /// 404 unknown_session.
+    pub fn unknown_session(session: &str) -> ApiError {
+        ApiError::new(
+            ErrorCode::UnknownSession,
+            format!(
+                "no session {session:?}: it was never granted, was released, or was handed over"
+            ),
+        )
+    }
+
+    /// 409 held, naming the holder.
+    pub fn held(volume: &str, holder: &str) -> ApiError {
+        ApiError {
+            holder: Some(holder.to_string()),
+            ..ApiError::new(
+                ErrorCode::Held,
+                format!("volume {volume:?} is held by {holder:?}; acquire timed out"),
+            )
+        }
+    }
+
+    /// 503 unavailable.
+    pub fn unavailable(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorCode::Unavailable, message)
+    }
+}
+
+/// The wire form of an [`ApiError`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The [`ErrorCode`].
+    pub error: ErrorCode,
+    /// The message.
+    pub message: String,
+    /// Who holds the volume, when the error is about that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
+}
+
+/// Where a backend sends one command's answer.
+pub type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
+
+/// One request to the backend. The backend answers every command exactly once
+/// (dropping the reply sender counts as "unavailable"); an acquire answers no
+/// later than its `timeout`.
+#[derive(Debug)]
+pub enum Command {
+    /// Every volume this node knows, sorted by name.
+    ListVolumes {
+        /// The answer.
+        reply: Reply<Vec<VolumeStatus>>,
+    },
+    /// One volume.
+    GetVolume {
+        /// The volume's name.
+        volume: String,
+        /// The answer.
+        reply: Reply<VolumeStatus>,
+    },
+    /// Become the writer of `volume`, waiting up to `timeout` for it.
+    Acquire {
+        /// The volume's name.
+        volume: String,
+        /// Who asks (a pod or process name, for status and errors).
+        holder: String,
+        /// How long to wait while someone else holds it.
+        timeout: Duration,
+        /// The answer.
+        reply: Reply<Grant>,
+    },
+    /// Extend a session's grant.
+    Keepalive {
+        /// The session id from the grant.
+        session: String,
+        /// The answer: the grant, renewed.
+        reply: Reply<Grant>,
+    },
+    /// Give the volume up.
+    Release {
+        /// The volume's name.
+        volume: String,
+        /// The session id from the grant.
+        session: String,
+        /// The answer: the volume's status afterwards.
+        reply: Reply<VolumeStatus>,
+    },
+    /// Hand the lease of a held volume to another node.
+    Handover {
+        /// The volume's name.
+        volume: String,
+        /// The node that should hold it next.
+        to_node: String,
+        /// The answer: the volume's status afterwards.
+        reply: Reply<VolumeStatus>,
+    },
+}

@@ -1,0 +1,338 @@
+//! The axum handlers: parse and validate, build a [`Command`], send it, await
+//! the reply, render it. No handler holds lease state.
+//!
+//! Request bodies go through [`ApiJson`] and path parameters through
+//! [`ApiPath`], so that every rejection is a JSON [`ApiError`] rather than
+//! axum's plain-text one. Unknown paths and methods are JSON too.
+
+use super::{ApiError, Command, ErrorBody, ErrorCode, Grant, VolumeStatus, MAX_ACQUIRE_TIMEOUT};
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::http::header;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// How long a handler waits for the backend beyond the command's own timeout
+/// before it answers 503.
+pub const BACKEND_REPLY_MARGIN: Duration = Duration::from_secs(5);
+
+/// How long `/readyz` waits for the backend's first answer.
+pub const READYZ_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Longest volume name, session id or node name accepted.
+pub const MAX_NAME_LEN: usize = 253;
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: self.code,
+            message: self.message,
+            holder: self.holder,
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// `Json<T>` whose rejections are JSON [`ApiError`]s (400 bad_request).
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(ApiJson(value)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(rejection: JsonRejection) -> ApiError {
+    let what = match &rejection {
+        JsonRejection::JsonDataError(_) => "request body has the wrong fields or types",
+        JsonRejection::JsonSyntaxError(_) => "request body is not valid JSON",
+        JsonRejection::MissingJsonContentType(_) => "send `Content-Type: application/json`",
+        _ => "request body could not be read",
+    };
+    ApiError::bad_request(format!("{what}: {}", rejection.body_text()))
+}
+
+/// `Path<String>` whose rejections are JSON [`ApiError`]s, and which checks
+/// that the name is one [`valid_name`] accepts.
+pub struct ApiPath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ApiPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<String>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(name)) => {
+                valid_name("path parameter", &name)?;
+                Ok(ApiPath(name))
+            }
+            Err(rejection) => Err(path_rejection(rejection)),
+        }
+    }
+}
+
+fn path_rejection(rejection: PathRejection) -> ApiError {
+    ApiError::bad_request(format!("bad path: {}", rejection.body_text()))
+}
+
+/// Names (volumes, sessions, nodes, holders): 1 to [`MAX_NAME_LEN`] bytes of
+/// ASCII letters, digits, `.`, `_`, `-`.
+pub fn valid_name(what: &str, name: &str) -> Result<(), ApiError> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(ApiError::bad_request(format!(
+            "{what} must be 1 to {MAX_NAME_LEN} characters long, got {}",
+            name.len()
+        )));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(ApiError::bad_request(format!(
+            "{what} {name:?} contains {c:?}; use letters, digits, '.', '_' and '-'"
+        )));
+    }
+    Ok(())
+}
+
+/// Body of `POST /v1/volumes/{volume}/acquire`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcquireBody {
+    /// Who asks.
+    pub holder: String,
+    /// How long to wait while someone else holds the volume (0 = do not wait).
+    pub timeout_seconds: f64,
+}
+
+/// Body of `POST /v1/volumes/{volume}/release`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseBody {
+    /// The session id from the grant.
+    pub session: String,
+}
+
+/// Body of `POST /v1/volumes/{volume}/handover`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandoverBody {
+    /// The node that should hold the volume next.
+    pub to_node: String,
+}
+
+/// Body of `/livez` and `/readyz`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Health {
+    /// `"ok"` or `"unavailable"`.
+    pub status: String,
+}
+
+/// What the handlers share: the command channel and the readiness flag.
+#[derive(Clone)]
+struct ApiState {
+    commands: mpsc::Sender<Command>,
+    ready: Arc<AtomicBool>,
+}
+
+impl ApiState {
+    /// Send a command built around a fresh reply channel and await the answer,
+    /// for at most `wait`.
+    async fn ask<T>(
+        &self,
+        wait: Duration,
+        build: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> Command,
+    ) -> Result<T, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(build(tx))
+            .await
+            .map_err(|_| ApiError::unavailable("the backend has stopped"))?;
+        let answer = match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(ApiError::unavailable(
+                "the backend dropped the request without answering",
+            )),
+            Err(_) => Err(ApiError::unavailable(format!(
+                "the backend did not answer within {} ms",
+                wait.as_millis()
+            ))),
+        };
+        if !matches!(&answer, Err(e) if e.code == ErrorCode::Unavailable) {
+            self.ready.store(true, Ordering::Release);
+        }
+        answer
+    }
+}
+
+/// The API's router over a command channel. Serve it with [`super::Server`] or
+/// any axum server.
+pub fn router(commands: mpsc::Sender<Command>) -> Router {
+    let state = ApiState {
+        commands,
+        ready: Arc::new(AtomicBool::new(false)),
+    };
+    Router::new()
+        .route("/v1/volumes", get(list_volumes))
+        .route("/v1/volumes/{volume}", get(get_volume))
+        .route("/v1/volumes/{volume}/acquire", post(acquire))
+        .route("/v1/volumes/{volume}/release", post(release))
+        .route("/v1/volumes/{volume}/handover", post(handover))
+        .route("/v1/sessions/{session}/keepalive", post(keepalive))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn list_volumes(State(api): State<ApiState>) -> Result<Json<Vec<VolumeStatus>>, ApiError> {
+    api.ask(BACKEND_REPLY_MARGIN, |reply| Command::ListVolumes { reply })
+        .await
+        .map(Json)
+}
+
+async fn get_volume(
+    State(api): State<ApiState>,
+    ApiPath(volume): ApiPath,
+) -> Result<Json<VolumeStatus>, ApiError> {
+    api.ask(BACKEND_REPLY_MARGIN, |reply| Command::GetVolume {
+        volume,
+        reply,
+    })
+    .await
+    .map(Json)
+}
+
+async fn acquire(
+    State(api): State<ApiState>,
+    ApiPath(volume): ApiPath,
+    ApiJson(body): ApiJson<AcquireBody>,
+) -> Result<Json<Grant>, ApiError> {
+    valid_name("holder", &body.holder)?;
+    let t = body.timeout_seconds;
+    if !t.is_finite() || t < 0.0 || t > MAX_ACQUIRE_TIMEOUT.as_secs_f64() {
+        return Err(ApiError::bad_request(format!(
+            "timeout_seconds must be a number from 0 to {}, got {t}",
+            MAX_ACQUIRE_TIMEOUT.as_secs()
+        )));
+    }
+    let timeout = Duration::from_secs_f64(t);
+    let holder = body.holder;
+    api.ask(timeout + BACKEND_REPLY_MARGIN, |reply| Command::Acquire {
+        volume,
+        holder,
+        timeout,
+        reply,
+    })
+    .await
+    .map(Json)
+}
+
+async fn keepalive(
+    State(api): State<ApiState>,
+    ApiPath(session): ApiPath,
+) -> Result<Json<Grant>, ApiError> {
+    api.ask(BACKEND_REPLY_MARGIN, |reply| Command::Keepalive {
+        session,
+        reply,
+    })
+    .await
+    .map(Json)
+}
+
+async fn release(
+    State(api): State<ApiState>,
+    ApiPath(volume): ApiPath,
+    ApiJson(body): ApiJson<ReleaseBody>,
+) -> Result<Json<VolumeStatus>, ApiError> {
+    valid_name("session", &body.session)?;
+    let session = body.session;
+    api.ask(BACKEND_REPLY_MARGIN, |reply| Command::Release {
+        volume,
+        session,
+        reply,
+    })
+    .await
+    .map(Json)
+}
+
+async fn handover(
+    State(api): State<ApiState>,
+    ApiPath(volume): ApiPath,
+    ApiJson(body): ApiJson<HandoverBody>,
+) -> Result<Json<VolumeStatus>, ApiError> {
+    valid_name("to_node", &body.to_node)?;
+    let to_node = body.to_node;
+    api.ask(BACKEND_REPLY_MARGIN, |reply| Command::Handover {
+        volume,
+        to_node,
+        reply,
+    })
+    .await
+    .map(Json)
+}
+
+async fn livez() -> Json<Health> {
+    Json(Health {
+        status: "ok".to_string(),
+    })
+}
+
+/// Ready once the backend has answered any command; until then this asks it
+/// for the volume list itself.
+async fn readyz(State(api): State<ApiState>) -> Response {
+    if !api.ready.load(Ordering::Acquire) {
+        if let Err(e) = api
+            .ask(READYZ_PROBE_TIMEOUT, |reply| Command::ListVolumes { reply })
+            .await
+        {
+            if e.code == ErrorCode::Unavailable {
+                return e.into_response();
+            }
+        }
+    }
+    Json(Health {
+        status: "ok".to_string(),
+    })
+    .into_response()
+}
+
+async fn metrics() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        "# blockfence: no metrics yet\n",
+    )
+        .into_response()
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(ErrorCode::NotFound, format!("no such path: {}", uri.path()))
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
