@@ -130,6 +130,14 @@ impl FakeBackend {
             } => {
                 let _ = reply.send(self.release(&volume, &session, now));
             }
+            Command::Subscribe { volume, reply } => {
+                // No events in the fake yet: a stream that stays open and silent.
+                let _ = reply.send(self.volume(&volume).map(|_| {
+                    let (tx, rx) = tokio::sync::broadcast::channel(1);
+                    std::mem::forget(tx);
+                    rx
+                }));
+            }
             Command::Handover {
                 volume,
                 to_node,
@@ -353,6 +361,8 @@ fn grant_for(volume: &str, session: String, generation: u64) -> Grant {
             .map(|s| s.to_string())
             .collect(),
         valid_for_ms: millis(FAKE_VALID_FOR),
+        keepalive_interval_ms: millis(FAKE_VALID_FOR) / 5,
+        stop: None,
     }
 }
 

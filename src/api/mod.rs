@@ -28,6 +28,9 @@ use serde::{Deserialize, Serialize};
 use std::time::Duration;
 use tokio::sync::oneshot;
 
+/// Where the daemon listens and `blockfence run` connects unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/blockfence/api.sock";
+
 /// Longest `timeout_seconds` an acquire may ask for.
 pub const MAX_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3600);
 
@@ -85,8 +88,67 @@ pub struct Grant {
     pub device: String,
     /// Mount options to use; always includes [`REQUIRED_MOUNT_OPTIONS`].
     pub mount_options: Vec<String>,
-    /// How long the grant stays valid without a keepalive, in milliseconds.
+    /// How long the grant stays valid without a keepalive, in milliseconds,
+    /// counted from when the request was *sent*: a holder that has heard
+    /// nothing newer must have stopped writing by then.
     pub valid_for_ms: u64,
+    /// How often to send a keepalive, in milliseconds (well inside
+    /// `valid_for_ms`).
+    pub keepalive_interval_ms: u64,
+    /// Set when the daemon asks the holder to stop: finish, unmount and
+    /// release (the grant stays valid meanwhile). `None` while it may go on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<StopReason>,
+}
+
+/// Why the daemon asks a session's holder to stop (see [`Grant::stop`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// A planned switchover to another node was requested.
+    Handover,
+    /// The daemon is shutting down.
+    Shutdown,
+}
+
+/// One entry of a volume's event stream (`GET /v1/volumes/{volume}/events`,
+/// server-sent events: the SSE `event:` field is the `event` tag, `data:` is
+/// this object as JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeEvent {
+    /// The volume's name.
+    pub volume: String,
+    /// What happened.
+    #[serde(flatten)]
+    pub kind: VolumeEventKind,
+}
+
+/// What happened to a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum VolumeEventKind {
+    /// A session on this node was granted the volume.
+    Granted {
+        session: String,
+        holder: String,
+        generation: u64,
+    },
+    /// A lease renewal failed or was late; the lease runs out in `valid_for_ms`
+    /// unless a later renewal succeeds.
+    RenewalLate { generation: u64, valid_for_ms: u64 },
+    /// The holder was asked to stop for a handover to `to_node`.
+    HandoverRequested { session: String, to_node: String },
+    /// This node started fencing its use of the volume.
+    Fencing { generation: u64, reason: String },
+    /// The fence ended; `ok` is false when a step failed or was late (the
+    /// watchdog was starved).
+    Fenced {
+        generation: u64,
+        ok: bool,
+        duration_ms: u64,
+    },
+    /// This node released the lease.
+    Released { generation: u64 },
 }
 
 /// The machine-readable part of an error: the `error` field of the JSON body.
@@ -109,6 +171,8 @@ pub enum ErrorCode {
     Held,
     /// Handover of a volume that nobody holds.
     NotHeld,
+    /// The session is over (lease lost, fenced, expired): stop writing now.
+    SessionEnded,
     /// The backend did not answer (not started, stopped, or too slow).
     Unavailable,
 }
@@ -125,6 +189,7 @@ impl ErrorCode {
             ErrorCode::SessionMismatch | ErrorCode::Held | ErrorCode::NotHeld => {
                 StatusCode::CONFLICT
             }
+            ErrorCode::SessionEnded => StatusCode::GONE,
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -188,6 +253,14 @@ impl ApiError {
                 format!("volume {volume:?} is held by {holder:?}; acquire timed out"),
             )
         }
+    }
+
+    /// 410 session_ended: the session's holder must stop writing now.
+    pub fn session_ended(session: &str, why: &str) -> ApiError {
+        ApiError::new(
+            ErrorCode::SessionEnded,
+            format!("session {session:?} has ended ({why}): stop writing now"),
+        )
     }
 
     /// 503 unavailable.
@@ -254,6 +327,13 @@ pub enum Command {
         session: String,
         /// The answer: the volume's status afterwards.
         reply: Reply<VolumeStatus>,
+    },
+    /// The volume's event stream: a receiver that gets every event from now on.
+    Subscribe {
+        /// The volume's name.
+        volume: String,
+        /// The answer.
+        reply: Reply<tokio::sync::broadcast::Receiver<VolumeEvent>>,
     },
     /// Hand the lease of a held volume to another node.
     Handover {
