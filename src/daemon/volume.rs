@@ -214,13 +214,20 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
         self.epoch + Duration::from_millis(ms)
     }
 
-    /// Runs until the command channel closes and nothing is held any more.
+    /// Runs until told to stop (or the command channel closes) and nothing
+    /// is held any more. While stopping it still serves keepalives and
+    /// releases, so a holder asked to stop can finish cleanly.
     pub async fn run(mut self) {
+        let mut stopping = false;
         let mut closed = false;
         loop {
             self.drain().await;
             self.publish();
-            if closed && !self.sessions.may_be_writing() && self.sessions.lease().is_none() {
+            if stopping
+                && !self.sessions.may_be_writing()
+                && self.sessions.lease().is_none()
+                && matches!(self.sessions.phase(), Phase::Idle | Phase::Broken)
+            {
                 return;
             }
             let wake = [self.lease_wake, self.session_wake]
@@ -233,9 +240,12 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
             tokio::select! {
                 cmd = self.commands.recv(), if !closed => match cmd {
                     Some(VolumeCmd::Api(c)) => self.on_api(c),
-                    Some(VolumeCmd::Shutdown) => self.queue.push_back(Work::Session(session::Input::Shutdown)),
+                    Some(VolumeCmd::Shutdown) => {
+                        stopping = true;
+                        self.queue.push_back(Work::Session(session::Input::Shutdown));
+                    }
                     None => {
-                        closed = true;
+                        (closed, stopping) = (true, true);
                         self.queue.push_back(Work::Session(session::Input::Shutdown));
                     }
                 },
