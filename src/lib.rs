@@ -33,4 +33,5 @@ pub mod core;
 pub mod disk;
 pub mod ext4;
 pub mod fence;
+pub mod metrics;
 pub mod sim;
