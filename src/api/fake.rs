@@ -11,6 +11,8 @@
 //! - Handover of a held volume makes `to_node` the holder with the next
 //!   generation; the local session ends (its id becomes unknown).
 //! - Grants never expire here: keepalive only resets `since_renewal_ms`.
+//! - [`FakeBackend::with_max_wait`] caps how long an acquire waits (a fuzzer
+//!   asking for an hour then gets its 409 sooner).
 //! - Each volume has a broadcast channel of [`VolumeEvent`]s (what
 //!   `Command::Subscribe` hands out): `granted` on every grant, `released` on
 //!   release, `handover_requested` then `released` when a locally held volume
@@ -51,6 +53,7 @@ pub struct FakeBackend {
     sessions: HashMap<String, String>,
     next_session: u64,
     metrics: Option<Arc<Metrics>>,
+    max_wait: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -122,6 +125,13 @@ impl FakeBackend {
         self
     }
 
+    /// Wait at most `max` for a held volume, whatever timeout an acquire asks
+    /// for (answering 409 `held` after that, as when its own timeout passes).
+    pub fn with_max_wait(mut self, max: Duration) -> FakeBackend {
+        self.max_wait = Some(max);
+        self
+    }
+
     /// Copy a volume's state into the metrics, if there are any.
     fn record(&self, volume: &str) {
         let (Some(m), Some(v)) = (&self.metrics, self.volumes.get(volume)) else {
@@ -181,7 +191,10 @@ impl FakeBackend {
                 holder,
                 timeout,
                 reply,
-            } => self.acquire(volume, holder, now + timeout, reply, now),
+            } => {
+                let wait = self.max_wait.map_or(timeout, |max| timeout.min(max));
+                self.acquire(volume, holder, now + wait, reply, now)
+            }
             Command::Keepalive { session, reply } => {
                 let _ = reply.send(self.keepalive(&session, now));
             }
@@ -544,6 +557,28 @@ mod tests {
         assert_eq!(err.code, ErrorCode::Held);
         assert_eq!(err.status, axum::http::StatusCode::CONFLICT);
         assert_eq!(err.holder.as_deref(), Some("a"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_wait_caps_how_long_an_acquire_waits() {
+        let tx = FakeBackend::new(["v"])
+            .with_max_wait(Duration::from_secs(2))
+            .spawn();
+        acquire(&tx, "v", "a", Duration::ZERO)
+            .await
+            .await
+            .unwrap()
+            .unwrap();
+        let started = Instant::now();
+        let b = acquire(&tx, "v", "b", Duration::from_secs(3600)).await;
+        let err = b.await.unwrap().unwrap_err();
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        assert_eq!(err.code, ErrorCode::Held);
+        // Shorter timeouts are kept.
+        let started = Instant::now();
+        let c = acquire(&tx, "v", "c", Duration::from_secs(1)).await;
+        assert_eq!(c.await.unwrap().unwrap_err().code, ErrorCode::Held);
+        assert_eq!(started.elapsed(), Duration::from_secs(1));
     }
 
     #[tokio::test(start_paused = true)]
