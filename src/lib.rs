@@ -34,4 +34,5 @@ pub mod daemon;
 pub mod disk;
 pub mod ext4;
 pub mod fence;
+pub mod metrics;
 pub mod sim;

@@ -33,6 +33,7 @@ use crate::core::session::SessionConfig;
 use crate::core::watchdog::{self, Guard};
 use crate::disk::runner::{open_lease, RunnerError};
 use crate::fence::{FenceOps, FileWatchdog, SystemOps, Watchdog};
+use crate::metrics::Metrics;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
@@ -102,6 +103,7 @@ impl Daemon {
         ops: Arc<O>,
     ) -> Result<Daemon, DaemonError> {
         let epoch = Instant::now();
+        let metrics = Arc::new(Metrics::new());
         let guards = Arc::new(Mutex::new(vec![Guard::NotWriting; cfg.volumes.len()]));
         let mut handles = Vec::new();
         let mut tasks = Vec::new();
@@ -151,6 +153,7 @@ impl Daemon {
                 guards: Arc::clone(&guards),
                 fence_ops: Arc::clone(&ops),
                 mmp_clean: rdev.is_some(),
+                metrics: Arc::clone(&metrics),
             })
             .map_err(|e| DaemonError::Volume {
                 volume: spec.name.clone(),
@@ -206,6 +209,7 @@ impl Daemon {
                 tcp: cfg.listen,
             },
             api_tx,
+            metrics,
         )
         .await?;
         tracing::info!(node = %cfg.node_name, volumes = handles.len(), socket = %cfg.socket.display(), "daemon started");
