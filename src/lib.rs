@@ -29,6 +29,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod client;
 pub mod core;
 pub mod disk;
 pub mod ext4;
