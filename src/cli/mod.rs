@@ -9,6 +9,7 @@ mod format;
 mod grow;
 mod inspect;
 mod lease;
+mod run;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -57,6 +58,8 @@ pub enum Command {
     Lease(lease::Command),
     /// Move the lease area to the new end of a device that was enlarged.
     Grow(grow::Args),
+    /// Acquire a volume from the daemon, mount it, run COMMAND; fence if the grant is lost.
+    Run(run::Args),
 }
 
 /// Runs the command line; the binary's whole `main`.
@@ -78,6 +81,7 @@ pub fn main() -> ExitCode {
         Command::Inspect(a) => inspect::run(a),
         Command::Lease(c) => lease::run(c),
         Command::Grow(a) => grow::run(a),
+        Command::Run(a) => run::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),
