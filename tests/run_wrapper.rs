@@ -381,6 +381,32 @@ fn a_session_ended_by_the_daemon_is_fenced() {
 }
 
 #[test]
+fn a_session_ended_410_is_fenced() {
+    if !require_root_loop() {
+        return;
+    }
+    let vol = Volume::new(true);
+    let api = api_for(vol.a.path());
+    api.set(|k| k.keepalive_interval_ms = Some(200));
+    let mnt = tempfile::tempdir().unwrap();
+    let m = mnt.path().to_str().unwrap();
+    let mut w = Wrapper::start(&api, mnt.path(), &[], &["sh", "-c", WRITER, "sh", m]);
+    let pid = start_writing(&mut w, vol.b.path());
+    api.set(|k| k.session_ended = true);
+    let f = w.finish();
+    assert_eq!(f.code, 4, "{f:?}");
+    assert!(f.stderr.contains("session_ended"), "{f:?}");
+    assert!(
+        f.stderr
+            .contains("fenced: command killed, filesystem shut down"),
+        "{f:?}"
+    );
+    assert!(!f.still_mounted, "{f:?}");
+    assert!(dead(pid), "the command {pid} still runs");
+    assert_device_quiet(vol.b.path());
+}
+
+#[test]
 fn a_silent_daemon_is_fenced_when_the_grant_runs_out() {
     if !require_root_loop() {
         return;
@@ -494,6 +520,39 @@ fn a_command_that_ignores_the_stop_request_is_fenced() {
     assert!(!f.still_mounted, "{f:?}");
     assert!(dead(pid), "the command {pid} still runs");
     // Fenced while the session was still valid: given back at once.
+    assert_eq!(volume_state(&api), (VolumeState::Free, None), "released");
+}
+
+#[test]
+fn processes_left_holding_the_mount_are_killed_so_it_unmounts() {
+    if !require_root_loop() {
+        return;
+    }
+    let vol = Volume::new(true);
+    let api = api_for(vol.a.path());
+    let mnt = tempfile::tempdir().unwrap();
+    // Leaves a process behind (in another session, so not the command's
+    // group) whose cwd is on the mount, then exits 0.
+    let script = "cd \"$1\" && setsid sleep 1000 </dev/null >/dev/null 2>&1 & \
+                  sleep_pid=$!; echo \"left $sleep_pid\"; \
+                  while [ \"$(readlink /proc/$sleep_pid/exe)\" != \"$(command -v sleep)\" ]; do :; done; \
+                  exit 0";
+    let mut w = Wrapper::start(
+        &api,
+        mnt.path(),
+        &[],
+        &["sh", "-c", script, "sh", mnt.path().to_str().unwrap()],
+    );
+    let left: i32 = loop {
+        let line = w.next_line();
+        if let Some(p) = line.strip_prefix("left ") {
+            break p.parse().expect("pid");
+        }
+    };
+    let f = w.finish();
+    assert_eq!(f.code, 0, "{f:?}");
+    assert!(!f.still_mounted, "{f:?}");
+    assert!(dead(left), "the process left on the mount still runs");
     assert_eq!(volume_state(&api), (VolumeState::Free, None), "released");
 }
 

@@ -29,7 +29,8 @@ use crate::core::holder::{
     FenceReason, GiveUpReason, HolderAction, HolderConfig, HolderInput, HolderMachine, Millis,
     Renewal,
 };
-use crate::fence::{self, holders, FenceError, SystemOps, Watchdog};
+use crate::ext4::{Ext4Error, ShutdownMode};
+use crate::fence::{self, holders, FenceError, FenceOps, SystemOps, Watchdog};
 use anyhow::{anyhow, bail, Context};
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
@@ -405,6 +406,58 @@ impl Watchdog for NoWatchdog {
     }
 }
 
+/// The fence's operations, on the granted filesystem only. Every step first
+/// checks that DIR is still a mount of the granted device (`rdev`); if it is
+/// not (our own unmount got there first), there is nothing left to fence and
+/// the step does nothing. The shutdown goes through a descriptor whose
+/// filesystem was checked, so it can never reach the filesystem DIR sits on.
+struct GuardedOps {
+    rdev: u64,
+}
+
+impl FenceOps for GuardedOps {
+    fn shutdown(&self, mount: &Path) -> Result<(), FenceError> {
+        let io = |op, source| {
+            FenceError::Shutdown(Ext4Error::Io {
+                path: mount.to_path_buf(),
+                op,
+                offset: 0,
+                source,
+            })
+        };
+        let dir = std::fs::File::open(mount).map_err(|e| io("open mount point", e))?;
+        let dev = dir
+            .metadata()
+            .map_err(|e| io("fstat mount point", e))?
+            .dev();
+        if dev != self.rdev {
+            tracing::warn!(mount = %mount.display(), "the granted filesystem is no longer mounted here: nothing to shut down");
+            return Ok(());
+        }
+        // Through our descriptor: it stays on the checked filesystem, and
+        // keeps it from being unmounted until the ioctl is done.
+        use std::os::fd::AsRawFd;
+        let path = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+        crate::ext4::shutdown(&path, ShutdownMode::NoLogFlush)?;
+        drop(dir);
+        Ok(())
+    }
+
+    fn kill_holders(&self, mount: &Path) -> Result<Vec<i32>, FenceError> {
+        match holders::find_mount(mount)? {
+            Some(m) if m.dev == self.rdev => holders::kill_all(&m),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    fn unmount(&self, mount: &Path) -> Result<(), FenceError> {
+        match holders::find_mount(mount)? {
+            Some(m) if m.dev == self.rdev => SystemOps.unmount(mount),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// What the tasks report to the main loop.
 #[derive(Debug)]
 enum Event {
@@ -634,6 +687,7 @@ impl Session {
             }
             Event::Keepalive { sent_at, result } => match result {
                 Ok(grant) => {
+                    self.grant.keepalive_interval_ms = grant.keepalive_interval_ms;
                     if grant.stop.is_some() && self.stop_reason.is_none() {
                         self.stop_reason = grant.stop;
                     }
@@ -787,12 +841,13 @@ impl Session {
                 Ok(None) | Err(_) => break,
             }
         }
-        let summary = match self.mounted_here() {
-            Ok(true) => {
+        let summary = match self.rdev {
+            Some(rdev) => {
                 let dir = self.dir.clone();
                 let report = tokio::task::spawn_blocking(move || {
                     let deadline = std::time::Instant::now() + FENCE_BUDGET;
-                    fence::run_fence(Arc::new(SystemOps), &mut NoWatchdog, &dir, deadline)
+                    let ops = Arc::new(GuardedOps { rdev });
+                    fence::run_fence(ops, &mut NoWatchdog, &dir, deadline)
                 })
                 .await;
                 match report {
@@ -814,14 +869,13 @@ impl Session {
                     Err(e) => format!("FENCE FAILED: {e}"),
                 }
             }
-            Ok(false) if self.mounting => {
+            None if self.mounting => {
                 format!(
                     "FENCE INCOMPLETE: the mount of {} did not finish",
                     self.dir.display()
                 )
             }
-            Ok(false) => "nothing was mounted".to_string(),
-            Err(e) => format!("FENCE FAILED: {e}"),
+            None => "nothing was mounted".to_string(),
         };
         let fenced_ok = summary.starts_with("fenced") || summary.starts_with("nothing");
         if let Some(child) = &self.child {
@@ -869,14 +923,6 @@ impl Session {
         }
         eprintln!("blockfence run: lost volume {volume:?}: {why}; {summary}");
         exit::LOST
-    }
-
-    /// Whether the granted device is mounted at DIR in this namespace.
-    fn mounted_here(&self) -> Result<bool, FenceError> {
-        let Some(rdev) = self.rdev else {
-            return Ok(false);
-        };
-        Ok(holders::find_mount(&self.dir)?.is_some_and(|m| m.dev == rdev))
     }
 
     async fn release(&self) -> Result<(), ClientError> {
@@ -1117,6 +1163,20 @@ mod tests {
         assert!(check_command(&OsString::from("/bin/sh")).is_ok());
         assert!(check_command(&OsString::from("no-such-command-blockfence")).is_err());
         assert!(check_command(&OsString::from("/etc/passwd")).is_err());
+    }
+
+    #[test]
+    fn the_guard_keeps_the_shutdown_off_other_filesystems() {
+        // procfs is not ext4: were the guard missing, the shutdown would fail
+        // with NotExt4 rather than do nothing.
+        let ops = GuardedOps { rdev: u64::MAX };
+        ops.shutdown(Path::new("/proc"))
+            .expect("nothing to shut down");
+        let dev = std::fs::metadata("/proc").unwrap().dev();
+        let err = GuardedOps { rdev: dev }
+            .shutdown(Path::new("/proc"))
+            .expect_err("procfs is ours here, and not ext4");
+        assert!(err.to_string().contains("not"), "{err}");
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! - `stop`: set `stop` in every keepalive answer (a handover or shutdown
 //!   request);
 //! - `silent`: keepalives are never answered (a stalled daemon); the router
-//!   answers 503 after its own margin.
+//!   answers 503 after its own margin;
+//! - `session_ended`: keepalives are answered 410 session_ended (the lease
+//!   was lost).
 //!
 //! Successful keepalive answers are counted, and a test can wait for the
 //! count (an event, not a sleep).
@@ -34,6 +36,8 @@ pub struct Knobs {
     pub stop: Option<StopReason>,
     /// Keepalives get no answer.
     pub silent: bool,
+    /// Keepalives are answered 410 session_ended.
+    pub session_ended: bool,
 }
 
 #[derive(Default)]
@@ -175,8 +179,16 @@ async fn proxy(
                 }
             }
             Command::Keepalive { session, reply } => {
-                if shared.0.lock().expect("lock").knobs.silent {
+                let (silent, ended) = {
+                    let s = shared.0.lock().expect("lock");
+                    (s.knobs.silent, s.knobs.session_ended)
+                };
+                if silent {
                     shared.0.lock().expect("lock").held.push(reply);
+                    continue;
+                }
+                if ended {
+                    let _ = reply.send(Err(ApiError::session_ended(&session, "lease lost")));
                     continue;
                 }
                 let (tx, answer) = oneshot::channel::<Result<Grant, ApiError>>();
