@@ -480,7 +480,11 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(run_async(args))
+    let result = runtime.block_on(run_async(args));
+    // A blocking task still hung in the kernel (a mount or sync on a dead
+    // device) must not keep the wrapper from exiting with its code.
+    runtime.shutdown_background();
+    result
 }
 
 async fn run_async(args: Args) -> anyhow::Result<u8> {
@@ -841,7 +845,7 @@ impl Session {
                 Ok(None) | Err(_) => break,
             }
         }
-        let summary = match self.rdev {
+        let (fenced_ok, summary) = match self.rdev {
             Some(rdev) => {
                 let dir = self.dir.clone();
                 let report = tokio::task::spawn_blocking(move || {
@@ -851,33 +855,39 @@ impl Session {
                 })
                 .await;
                 match report {
-                    Ok(r) if r.ok => format!(
-                        "fenced: {}filesystem shut down, {} other holder(s) killed, {} unmounted",
-                        if had_child { "command killed, " } else { "" },
-                        r.killed.len(),
-                        self.dir.display()
+                    Ok(r) if r.ok => (
+                        true,
+                        format!(
+                            "fenced: {}filesystem shut down, {} other holder(s) killed, {} unmounted",
+                            if had_child { "command killed, " } else { "" },
+                            r.killed.len(),
+                            self.dir.display()
+                        ),
                     ),
-                    Ok(r) => format!(
-                        "FENCE INCOMPLETE: {}",
-                        r.errors
-                            .iter()
-                            .flatten()
-                            .cloned()
-                            .collect::<Vec<_>>()
-                            .join("; ")
+                    Ok(r) => (
+                        false,
+                        format!(
+                            "FENCE INCOMPLETE: {}",
+                            r.errors
+                                .iter()
+                                .flatten()
+                                .cloned()
+                                .collect::<Vec<_>>()
+                                .join("; ")
+                        ),
                     ),
-                    Err(e) => format!("FENCE FAILED: {e}"),
+                    Err(e) => (false, format!("FENCE FAILED: {e}")),
                 }
             }
-            None if self.mounting => {
+            None if self.mounting => (
+                false,
                 format!(
                     "FENCE INCOMPLETE: the mount of {} did not finish",
                     self.dir.display()
-                )
-            }
-            None => "nothing was mounted".to_string(),
+                ),
+            ),
+            None => (true, "nothing was mounted".to_string()),
         };
-        let fenced_ok = summary.starts_with("fenced") || summary.starts_with("nothing");
         if let Some(child) = &self.child {
             let _ = killpg(child_pid(child), Signal::SIGKILL);
             let until = Instant::now() + CHILD_EXIT_WAIT;
