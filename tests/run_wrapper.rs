@@ -557,6 +557,40 @@ fn processes_left_holding_the_mount_are_killed_so_it_unmounts() {
 }
 
 #[test]
+fn a_grant_after_a_long_wait_is_confirmed_before_mounting() {
+    if !require_root_loop() {
+        return;
+    }
+    let vol = Volume::new(true);
+    let api = api_for(vol.a.path());
+    api.set(|k| {
+        k.valid_for_ms = Some(1_000);
+        k.keepalive_interval_ms = Some(200);
+    });
+    let other = api
+        .block_on(api.client().acquire("pg", "other-pod", Duration::ZERO))
+        .expect("acquire");
+    let mnt = tempfile::tempdir().unwrap();
+    let w = Wrapper::start(&api, mnt.path(), &[], &["sh", "-c", "echo ran; exit 5"]);
+    assert!(
+        api.wait_acquires(2, EVENT_TIMEOUT),
+        "the wrapper did not ask"
+    );
+    // Makes the grant the wrapper waits for stale: counted from the send
+    // time, it will have run out when it arrives (not a synchronisation).
+    std::thread::sleep(Duration::from_millis(1_200));
+    let keepalives = api.keepalives();
+    api.block_on(api.client().release("pg", &other.session))
+        .expect("release");
+    let f = w.finish();
+    // Without the confirmation it would have been fenced at once (exit 4).
+    assert_eq!(f.code, 5, "{f:?}");
+    assert!(api.keepalives() > keepalives, "no confirming keepalive");
+    assert!(!f.still_mounted, "{f:?}");
+    assert_eq!(volume_state(&api), (VolumeState::Free, None), "released");
+}
+
+#[test]
 fn a_mount_failure_is_one_line_and_releases_the_volume() {
     if !require_root_loop() {
         return;

@@ -27,7 +27,7 @@ use crate::cli::exit;
 use crate::client::{code_name, Client, ClientError};
 use crate::core::holder::{
     FenceReason, GiveUpReason, HolderAction, HolderConfig, HolderInput, HolderMachine, Millis,
-    Renewal,
+    Phase, Renewal,
 };
 use crate::ext4::{Ext4Error, ShutdownMode};
 use crate::fence::{self, holders, FenceError, FenceOps, SystemOps, Watchdog};
@@ -645,6 +645,12 @@ impl Session {
         self.stop_reason = self.grant.stop;
         let (mut machine, mut actions) =
             HolderMachine::new(cfg, self.now(), renewal(&self.grant, sent_at));
+        if machine.phase() == Phase::Confirming {
+            tracing::info!(
+                waited_ms = self.now().saturating_sub(sent_at),
+                "the grant is stale after the wait: confirming it before mounting"
+            );
+        }
         loop {
             let mut timer = None;
             for action in std::mem::take(&mut actions) {

@@ -10,8 +10,8 @@
 //! - `session_ended`: keepalives are answered 410 session_ended (the lease
 //!   was lost).
 //!
-//! Successful keepalive answers are counted, and a test can wait for the
-//! count (an event, not a sleep).
+//! Acquire requests and successful keepalive answers are counted, and a test
+//! can wait for the counts (an event, not a sleep).
 
 use blockfence::api::fake::FakeBackend;
 use blockfence::api::{ApiError, Command, Grant, ServeConfig, Server, StopReason};
@@ -45,6 +45,8 @@ struct Shared {
     knobs: Knobs,
     /// Successful keepalive answers sent.
     keepalives: u64,
+    /// Acquire requests received.
+    acquires: u64,
     /// Replies held back while silent (dropping them would answer 503 at once).
     held: Vec<oneshot::Sender<Result<Grant, ApiError>>>,
 }
@@ -124,10 +126,19 @@ impl TestApi {
 
     /// Waits until at least `n` keepalives were answered; false on timeout.
     pub fn wait_keepalives(&self, n: u64, timeout: Duration) -> bool {
+        self.wait_for(|s| s.keepalives >= n, timeout)
+    }
+
+    /// Waits until at least `n` acquire requests arrived; false on timeout.
+    pub fn wait_acquires(&self, n: u64, timeout: Duration) -> bool {
+        self.wait_for(|s| s.acquires >= n, timeout)
+    }
+
+    fn wait_for(&self, done: impl Fn(&Shared) -> bool, timeout: Duration) -> bool {
         let until = Instant::now() + timeout;
         let (lock, cv) = &*self.shared;
         let mut s = lock.lock().expect("lock");
-        while s.keepalives < n {
+        while !done(&s) {
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return false;
@@ -162,6 +173,11 @@ async fn proxy(
                 timeout,
                 reply,
             } => {
+                {
+                    let (lock, cv) = &*shared;
+                    lock.lock().expect("lock").acquires += 1;
+                    cv.notify_all();
+                }
                 let (tx, answer) = oneshot::channel::<Result<Grant, ApiError>>();
                 let shared = shared.clone();
                 let v = volume.clone();
