@@ -29,6 +29,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod client;
 pub mod core;
 pub mod daemon;
 pub mod disk;
