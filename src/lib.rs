@@ -30,7 +30,9 @@
 pub mod api;
 pub mod cli;
 pub mod core;
+pub mod device;
 pub mod disk;
 pub mod ext4;
 pub mod fence;
+pub mod nvme;
 pub mod sim;

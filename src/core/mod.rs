@@ -9,3 +9,4 @@ pub mod fence;
 pub mod lease;
 pub mod params;
 pub mod record;
+pub mod reservation;
