@@ -5,6 +5,7 @@
 //! reported as one line that says what is wrong and what to do, with a non-zero
 //! exit code; nothing here panics on bad input.
 
+mod doctor;
 mod format;
 mod grow;
 mod inspect;
@@ -57,6 +58,8 @@ pub enum Command {
     Lease(lease::Command),
     /// Move the lease area to the new end of a device that was enlarged.
     Grow(grow::Args),
+    /// Check each volume's NVMe paths, stale-I/O timeouts and reservation support, with fixes.
+    Doctor(doctor::Args),
 }
 
 /// Runs the command line; the binary's whole `main`.
@@ -78,6 +81,7 @@ pub fn main() -> ExitCode {
         Command::Inspect(a) => inspect::run(a),
         Command::Lease(c) => lease::run(c),
         Command::Grow(a) => grow::run(a),
+        Command::Doctor(a) => doctor::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -147,8 +147,9 @@ pub struct PathVerdict {
     pub controller: String,
     pub lifetime: Lifetime,
     pub pass: bool,
-    /// The `fast_io_fail_tmo` (s) that makes this path pass, if one does;
-    /// `Some(0)` if even 0 leaves it failing (then parameters must change).
+    /// The `fast_io_fail_tmo` (s) to set on this failing path (`None` if it
+    /// passes or already has one this low); the path may still fail after it
+    /// when detection alone exceeds the budget (then the fixes say so).
     pub fast_io_fail_fix_s: Option<u32>,
 }
 
@@ -179,12 +180,22 @@ pub fn evaluate(ns: &Namespace, p: &Params) -> Verdict {
             None
         } else {
             let s = (budget.saturating_sub(detect) / 1000) as u32;
+            let current = match path.timeouts.fast_io_fail_tmo {
+                Tmo::Seconds(c) => Some(c),
+                _ => None,
+            };
+            // With fast_io_fail_tmo already this low, only detection is left.
+            let s = current.map_or(s, |c| c.min(s));
             worst_after_fix = worst_after_fix.max(detect + u64::from(s) * 1000);
-            fixes.push(format!(
-                "echo {s} > /sys/class/nvme/{c}/fast_io_fail_tmo   # now, until the controller is re-created",
-                c = path.controller
-            ));
-            Some(s)
+            if current.map_or(true, |c| c > s) {
+                fixes.push(format!(
+                    "echo {s} > /sys/class/nvme/{c}/fast_io_fail_tmo   # now, until the controller is re-created",
+                    c = path.controller
+                ));
+                Some(s)
+            } else {
+                None
+            }
         };
         paths.push(PathVerdict {
             controller: path.controller.clone(),
@@ -195,21 +206,18 @@ pub fn evaluate(ns: &Namespace, p: &Params) -> Verdict {
     }
     let pass = paths.iter().all(|v| v.pass);
     if !pass {
-        let s = paths
-            .iter()
-            .filter_map(|v| v.fast_io_fail_fix_s)
-            .min()
-            .unwrap_or(0);
-        fixes.push(format!(
-            "connect with `nvme connect ... --fast_io_fail_tmo={s}` (or `fast_io_fail_tmo={s}` in the connect configuration) so it survives a reconnect and reboot"
-        ));
+        if let Some(s) = paths.iter().filter_map(|v| v.fast_io_fail_fix_s).min() {
+            fixes.push(format!(
+                "connect with `nvme connect ... --fast_io_fail_tmo={s}` (or `fast_io_fail_tmo={s}` in the connect configuration) so it survives a reconnect and reboot"
+            ));
+        }
         if worst_after_fix > budget {
             let cover = params_covering(p, worst_after_fix);
             fixes.push(format!(
                 "detecting a dead path alone takes up to {worst_after_fix} ms (2 x kato or the I/O timeout) > budget {budget} ms: {}",
                 match cover {
                     Some(q) => format!(
-                        "raise the lease parameters to --io-timeout-ms {} --lease-timeout-ms {} (takeover after {} ms instead of {} ms), or shorten detection with `nvme connect ... --keep-alive-tmo=1` and a lower /sys/block/{}/queue/io_timeout",
+                        "raise the volume's lease parameters to --io-timeout-ms {} --lease-timeout-ms {} (`blockfence format`; takeover after {} ms instead of {} ms), or shorten detection with `nvme connect ... --keep-alive-tmo=1` and a lower /sys/block/{}/queue/io_timeout",
                         q.io_timeout_ms,
                         q.lease_timeout_ms,
                         q.host_dead_ms(),

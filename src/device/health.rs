@@ -91,6 +91,17 @@ impl AnaState {
         }
     }
 
+    pub fn as_str(&self) -> &str {
+        match self {
+            AnaState::Optimized => "optimized",
+            AnaState::NonOptimized => "non-optimized",
+            AnaState::Inaccessible => "inaccessible",
+            AnaState::PersistentLoss => "persistent-loss",
+            AnaState::Change => "change",
+            AnaState::Unknown(s) => s,
+        }
+    }
+
     /// I/O can be sent on a path in this state.
     pub fn accessible(&self) -> bool {
         matches!(self, AnaState::Optimized | AnaState::NonOptimized)
