@@ -72,7 +72,9 @@ pub enum DeviceError {
 pub enum Change {
     /// The capacity changed (`RESIZE=1`).
     Resized,
-    /// Any other change (loop attach/detach, media change, partition rescan).
+    /// The medium changed (`DISK_MEDIA_CHANGE=1`: e.g. a loop device detached).
+    Media,
+    /// Any other change (loop attach, partition rescan).
     Other,
 }
 

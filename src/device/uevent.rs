@@ -137,6 +137,8 @@ pub fn classify(ev: &Uevent) -> Option<DeviceEvent> {
                     name,
                     change: if ev.get("RESIZE") == Some("1") {
                         Change::Resized
+                    } else if ev.get("DISK_MEDIA_CHANGE") == Some("1") {
+                        Change::Media
                     } else {
                         Change::Other
                     },
