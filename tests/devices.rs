@@ -466,3 +466,40 @@ impl Drop for Detach {
         );
     }
 }
+
+#[test]
+fn monitor_path_watch_reports_the_last_path_lost_from_sysfs() {
+    let (tx, rx) = channel();
+    let opts = Options {
+        source: Some(Source::Kernel),
+        sysfs_root: fixture("reconnecting"),
+        watch_paths: true,
+        path_poll: Duration::from_millis(50),
+    };
+    let monitor = Monitor::spawn(opts, tx).expect("start the device monitor");
+    let ev = wait_for(&rx, "LastPathLost", |e| {
+        matches!(e, DeviceEvent::LastPathLost { .. })
+    });
+    assert_eq!(
+        ev,
+        DeviceEvent::LastPathLost {
+            namespace: "nvme0n1".into()
+        }
+    );
+    monitor.stop();
+}
+
+#[test]
+fn udev_source_starts_and_stops_even_without_a_udev_daemon() {
+    // libudev disables a "udev" monitor when no daemon runs: it starts and
+    // stays silent. With a daemon, this is the source the daemon would use.
+    let (tx, _rx) = channel();
+    let opts = Options {
+        source: Some(Source::Udev),
+        watch_paths: false,
+        ..Options::default()
+    };
+    let monitor = Monitor::spawn(opts, tx).expect("start the udev monitor");
+    assert_eq!(monitor.source(), Source::Udev);
+    monitor.stop();
+}

@@ -223,4 +223,24 @@ mod tests {
             })
         );
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_parse_without_panicking(buf in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            if let Some(ev) = parse(&buf) {
+                let _ = classify(&ev);
+            }
+        }
+
+        #[test]
+        fn wire_format_round_trips(action in "(add|remove|change)", name in "[a-z]{1,8}[0-9]{0,3}", resize in proptest::prelude::any::<bool>()) {
+            let mut msg = format!("{action}@/devices/virtual/block/{name}\0ACTION={action}\0DEVPATH=/devices/virtual/block/{name}\0SUBSYSTEM=block\0DEVTYPE=disk\0DEVNAME={name}\0");
+            if resize {
+                msg.push_str("RESIZE=1\0");
+            }
+            let ev = parse(msg.as_bytes()).unwrap();
+            proptest::prop_assert_eq!(&ev.action, &action);
+            proptest::prop_assert_eq!(ev.get("DEVNAME"), Some(name.as_str()));
+        }
+    }
 }

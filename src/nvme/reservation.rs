@@ -502,11 +502,37 @@ mod tests {
         assert_eq!(a, key_for_node("node-a"));
         assert_ne!(a, key_for_node("node-b"));
         assert_ne!(a, 0);
-        // Pinned: a change of derivation would strand registered keys.
-        assert_eq!(key_for_node(""), key_for_node(""));
+        // Pinned (FNV-1a 64 computed independently): a change of derivation
+        // would strand the keys nodes registered with the old one.
+        assert_eq!(key_for_node("node-a"), 0x57de_7eea_ecf6_3a6b);
         let keys: std::collections::HashSet<_> = (0..10_000)
             .map(|i| key_for_node(&format!("n{i}")))
             .collect();
         assert_eq!(keys.len(), 10_000);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_report_buffer_decodes_without_panicking(buf in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+            let _ = decode_report(&buf);
+        }
+
+        #[test]
+        fn report_round_trips(gen in proptest::prelude::any::<u32>(), keys in proptest::collection::vec(1u64.., 0..8), holder in 0usize..9) {
+            let status = ResvStatus {
+                generation: gen,
+                rtype: (holder < keys.len()).then_some(ResvType::WriteExclusive),
+                ptpl: false,
+                registrants: keys.iter().enumerate().map(|(i, &k)| Registrant {
+                    cntlid: i as u16,
+                    holds: i == holder,
+                    key: k,
+                    host_id: [i as u8; 16],
+                }).collect(),
+            };
+            let mut buf = vec![0u8; REPORT_LEN];
+            encode_report(&status, &mut buf);
+            proptest::prop_assert_eq!(decode_report(&buf).unwrap(), status);
+        }
     }
 }
