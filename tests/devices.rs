@@ -403,7 +403,7 @@ fn live_monitor_sees_loop_attach_resize_and_detach() {
     let monitor = Monitor::spawn(opts, tx).expect("start the device monitor");
     assert_eq!(monitor.source(), source);
 
-    let dev = losetup(&["-f", "--show", image.to_str().unwrap()]);
+    let dev = attach(&image);
     let name = dev.strip_prefix("/dev/").unwrap().to_owned();
     let detach = scopeguard(dev.clone());
     let ours = |e: &DeviceEvent| match e {
@@ -449,6 +449,25 @@ fn live_monitor_sees_loop_attach_resize_and_detach() {
         0
     );
     monitor.stop();
+}
+
+/// `losetup -f --show IMAGE`, retried: other test processes attach at the
+/// same time and `-f` may lose the race for a free device.
+fn attach(image: &Path) -> String {
+    let mut last = String::new();
+    for _ in 0..10 {
+        let out = run_with_timeout(
+            Command::new("losetup").args(["-f", "--show"]).arg(image),
+            COMMAND_TIMEOUT,
+        )
+        .expect("run losetup");
+        if out.status.success() {
+            return out.stdout.trim().to_owned();
+        }
+        last = out.stderr;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("cannot attach a loop device to {}: {last}", image.display());
 }
 
 /// Detaches the loop device when dropped (also when the test panics).

@@ -253,13 +253,22 @@ fn a_real_loop_device_passes_as_disk_lease_only() {
     }
     let scratch = Scratch::new("doctor-loop-");
     let image = scratch.image("d.img", 32 << 20);
-    let out = run_with_timeout(
-        Command::new("losetup").args(["-f", "--show"]).arg(&image),
-        COMMAND_TIMEOUT,
-    )
-    .unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
-    let dev = out.stdout.trim().to_owned();
+    // Retried: other test processes attach at the same time and `-f` may
+    // lose the race for a free device.
+    let mut dev = String::new();
+    for _ in 0..10 {
+        let out = run_with_timeout(
+            Command::new("losetup").args(["-f", "--show"]).arg(&image),
+            COMMAND_TIMEOUT,
+        )
+        .unwrap();
+        if out.status.success() {
+            dev = out.stdout.trim().to_owned();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(!dev.is_empty(), "cannot attach a loop device");
     let res = doctor(&["--volume", &format!("db={dev}"), "--json"]);
     let _ = run_with_timeout(Command::new("losetup").args(["-d", &dev]), COMMAND_TIMEOUT);
     assert_eq!(res.status.code(), Some(0), "{}{}", res.stdout, res.stderr);
