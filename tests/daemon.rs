@@ -219,6 +219,49 @@ async fn next_event(
         .expect("the event within 30 s")
 }
 
+/// Two simulated nodes on plain loop devices over one formatted image, with
+/// their API sockets' paths.
+struct Pair {
+    scratch: Scratch,
+    la: Loop,
+    lb: Loop,
+    sa: PathBuf,
+    sb: PathBuf,
+}
+
+impl Pair {
+    fn new(name: &str) -> Pair {
+        let scratch = Scratch::new(name);
+        let image = scratch.image("shared.img", IMAGE_SIZE);
+        let (la, lb) = (Loop::attach(&image), Loop::attach(&image));
+        format(&la.0);
+        let (sa, sb) = (scratch.path().join("a.sock"), scratch.path().join("b.sock"));
+        Pair {
+            scratch,
+            la,
+            lb,
+            sa,
+            sb,
+        }
+    }
+
+    fn config_a(&self) -> DaemonConfig {
+        config("node-a", &self.sa, &self.la.0)
+    }
+
+    async fn start_b(&self) -> Daemon {
+        Daemon::start(config("node-b", &self.sb, &self.lb.0))
+            .await
+            .expect("daemon b")
+    }
+}
+
+/// [`acquire`] off the runtime.
+async fn acquire_off(socket: &Path, holder: &str, timeout_s: f64) -> (u16, Value) {
+    let (socket, holder) = (socket.to_path_buf(), holder.to_string());
+    blocking(move || acquire(&socket, &holder, timeout_s)).await
+}
+
 /// Runs a blocking call off the runtime.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.expect("no panic")
@@ -229,25 +272,14 @@ async fn a_released_volume_goes_to_the_waiting_node_with_a_higher_generation() {
     if !require_root_loop() {
         return;
     }
-    let scratch = Scratch::new("daemon-release");
-    let image = scratch.image("shared.img", IMAGE_SIZE);
-    let (la, lb) = (Loop::attach(&image), Loop::attach(&image));
-    format(&la.0);
-    let (sa, sb) = (scratch.path().join("a.sock"), scratch.path().join("b.sock"));
-    let a = Daemon::start(config("node-a", &sa, &la.0))
-        .await
-        .expect("daemon a");
-    let b = Daemon::start(config("node-b", &sb, &lb.0))
-        .await
-        .expect("daemon b");
+    let pair = Pair::new("daemon-release");
+    let (sa, sb) = (pair.sa.clone(), pair.sb.clone());
+    let a = Daemon::start(pair.config_a()).await.expect("daemon a");
+    let b = pair.start_b().await;
 
-    let (status, grant_a) = blocking({
-        let sa = sa.clone();
-        move || acquire(&sa, "pg-a", 10.0)
-    })
-    .await;
+    let (status, grant_a) = acquire_off(&sa, "pg-a", 10.0).await;
     assert_eq!(status, 200, "{grant_a}");
-    assert_eq!(grant_a["device"], la.0.to_str().unwrap());
+    assert_eq!(grant_a["device"], pair.la.0.to_str().unwrap());
     assert!(grant_a["mount_options"]
         .as_array()
         .unwrap()
@@ -327,27 +359,16 @@ async fn a_silent_session_is_fenced_writers_killed_and_then_the_lease_released()
     if !require_root_loop() {
         return;
     }
-    let scratch = Scratch::new("daemon-silent");
-    let image = scratch.image("shared.img", IMAGE_SIZE);
-    let (la, lb) = (Loop::attach(&image), Loop::attach(&image));
-    format(&la.0);
-    let (sa, sb) = (scratch.path().join("a.sock"), scratch.path().join("b.sock"));
-    let a = Daemon::start(config("node-a", &sa, &la.0))
-        .await
-        .expect("daemon a");
-    let b = Daemon::start(config("node-b", &sb, &lb.0))
-        .await
-        .expect("daemon b");
+    let pair = Pair::new("daemon-silent");
+    let (sa, sb) = (pair.sa.clone(), pair.sb.clone());
+    let a = Daemon::start(pair.config_a()).await.expect("daemon a");
+    let b = pair.start_b().await;
     let mut events_a = a.subscribe("pg").unwrap();
 
-    let (status, grant) = blocking({
-        let sa = sa.clone();
-        move || acquire(&sa, "pg-a", 10.0)
-    })
-    .await;
+    let (status, grant) = acquire_off(&sa, "pg-a", 10.0).await;
     assert_eq!(status, 200, "{grant}");
-    let dir = scratch.path().join("mnt");
-    let _mounted = mount(&la.0, &dir);
+    let dir = pair.scratch.path().join("mnt");
+    let _mounted = mount(&pair.la.0, &dir);
     let mut w = writer(&dir);
     // No keepalive: after session_timeout the daemon fences.
     let (_, fencing) = next_event(&mut events_a, |k| {
@@ -411,11 +432,7 @@ async fn a_lost_lease_is_fenced_before_the_peer_takes_over() {
         .expect("daemon b");
     let mut events_a = a.subscribe("pg").unwrap();
 
-    let (status, grant) = blocking({
-        let sa = sa.clone();
-        move || acquire(&sa, "pg-a", 10.0)
-    })
-    .await;
+    let (status, grant) = acquire_off(&sa, "pg-a", 10.0).await;
     assert_eq!(status, 200, "{grant}");
     let session = grant["session"].as_str().unwrap().to_string();
     let dir = scratch.path().join("mnt");
@@ -489,12 +506,9 @@ async fn a_failed_fence_keeps_the_lease_and_starves_the_watchdog() {
     if !require_root_loop() {
         return;
     }
-    let scratch = Scratch::new("daemon-fence-failed");
-    let image = scratch.image("shared.img", IMAGE_SIZE);
-    let (la, lb) = (Loop::attach(&image), Loop::attach(&image));
-    format(&la.0);
-    let (sa, sb) = (scratch.path().join("a.sock"), scratch.path().join("b.sock"));
-    let dog = scratch.path().join("watchdog");
+    let pair = Pair::new("daemon-fence-failed");
+    let (sa, sb) = (pair.sa.clone(), pair.sb.clone());
+    let dog = pair.scratch.path().join("watchdog");
     std::fs::write(&dog, b"").unwrap();
     let ops = Arc::new(RecordingOps::new([
         Behavior::Fail,
@@ -503,23 +517,17 @@ async fn a_failed_fence_keeps_the_lease_and_starves_the_watchdog() {
     ]));
     let cfg = DaemonConfig {
         watchdog: Some(dog.clone()),
-        ..config("node-a", &sa, &la.0)
+        ..pair.config_a()
     };
     let a = Daemon::start_with(cfg, ops.clone())
         .await
         .expect("daemon a");
-    let b = Daemon::start(config("node-b", &sb, &lb.0))
-        .await
-        .expect("daemon b");
+    let b = pair.start_b().await;
     let mut events_a = a.subscribe("pg").unwrap();
-    let (status, _) = blocking({
-        let sa = sa.clone();
-        move || acquire(&sa, "pg-a", 10.0)
-    })
-    .await;
+    let (status, _) = acquire_off(&sa, "pg-a", 10.0).await;
     assert_eq!(status, 200);
-    let dir = scratch.path().join("mnt");
-    let _mounted = mount(&la.0, &dir);
+    let dir = pair.scratch.path().join("mnt");
+    let _mounted = mount(&pair.la.0, &dir);
     let (_, fenced) = next_event(&mut events_a, |k| {
         matches!(k, VolumeEventKind::Fenced { .. })
     })
