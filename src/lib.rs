@@ -30,6 +30,7 @@
 pub mod api;
 pub mod cli;
 pub mod core;
+pub mod daemon;
 pub mod disk;
 pub mod ext4;
 pub mod fence;

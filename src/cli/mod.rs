@@ -5,6 +5,7 @@
 //! reported as one line that says what is wrong and what to do, with a non-zero
 //! exit code; nothing here panics on bad input.
 
+mod daemon;
 mod format;
 mod grow;
 mod inspect;
@@ -57,6 +58,16 @@ pub enum Command {
     Lease(lease::Command),
     /// Move the lease area to the new end of a device that was enlarged.
     Grow(grow::Args),
+    /// Run the node daemon: hold the leases of the volumes local pods ask for,
+    /// serve the node-local API, fence this node's use of a volume it can no
+    /// longer prove it owns, feed the watchdog.
+    ///
+    /// Pods ask through the API (docs/openapi.yaml) on the Unix socket, most
+    /// simply with `blockfence run`. Every option also comes from an
+    /// environment variable and the --config file (docs/CONFIG.md).
+    /// SIGTERM/SIGINT: holders are asked to stop, their volumes fenced or
+    /// released, then the daemon exits.
+    Daemon(crate::daemon::DaemonArgs),
 }
 
 /// Runs the command line; the binary's whole `main`.
@@ -78,6 +89,7 @@ pub fn main() -> ExitCode {
         Command::Inspect(a) => inspect::run(a),
         Command::Lease(c) => lease::run(c),
         Command::Grow(a) => grow::run(a),
+        Command::Daemon(a) => daemon::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -9,3 +9,5 @@ pub mod fence;
 pub mod lease;
 pub mod params;
 pub mod record;
+pub mod session;
+pub mod watchdog;

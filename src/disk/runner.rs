@@ -88,6 +88,52 @@ pub fn check_node_name(name: &str) -> Result<(), RunnerError> {
     Ok(())
 }
 
+/// A device's lease area, opened and checked, ready for a [`LeaseMachine`].
+pub struct OpenedLease {
+    /// Area-relative block I/O on the device.
+    pub store: AreaStore<BlockDevice>,
+    /// What the machine needs to know about the area.
+    pub layout: Layout,
+    /// This node, with a fresh nonce and the parameters it will record.
+    pub identity: Identity,
+}
+
+/// Opens the lease area of `device` for node `node` and checks the
+/// parameters (`params` maps the area's defaults to this node's): valid, and
+/// within the area's host_dead ceiling. Blocking I/O (a few reads).
+pub fn open_lease(
+    device: &Path,
+    node: &str,
+    params: impl FnOnce(Params) -> Params,
+) -> Result<OpenedLease, RunnerError> {
+    check_node_name(node)?;
+    let dev = BlockDevice::open(device, Access::ReadWrite)?;
+    let info = open_area(&dev)?;
+    let params = params(info.header.params);
+    params.validate()?;
+    let ceiling = info.header.host_dead_ceiling_ms as u64;
+    if params.host_dead_ms() > ceiling {
+        return Err(RunnerError::AboveCeiling {
+            host_dead_ms: params.host_dead_ms(),
+            ceiling_ms: ceiling,
+        });
+    }
+    let layout = Layout {
+        volume_id: info.header.volume_id,
+        max_slots: info.header.max_slots,
+        host_dead_ceiling_ms: ceiling,
+    };
+    Ok(OpenedLease {
+        store: AreaStore::for_area(dev, &info),
+        layout,
+        identity: Identity {
+            name: node.to_string(),
+            nonce: rand::random(),
+            params,
+        },
+    })
+}
+
 impl LeaseRunner {
     /// Opens the lease area of `device` for node `node`. `params` maps the
     /// area's default parameters to this node's.
@@ -96,30 +142,8 @@ impl LeaseRunner {
         node: &str,
         params: impl FnOnce(Params) -> Params,
     ) -> Result<LeaseRunner, RunnerError> {
-        check_node_name(node)?;
-        let dev = BlockDevice::open(device, Access::ReadWrite)?;
-        let info = open_area(&dev)?;
-        let params = params(info.header.params);
-        params.validate()?;
-        let ceiling = info.header.host_dead_ceiling_ms as u64;
-        if params.host_dead_ms() > ceiling {
-            return Err(RunnerError::AboveCeiling {
-                host_dead_ms: params.host_dead_ms(),
-                ceiling_ms: ceiling,
-            });
-        }
-        let layout = Layout {
-            volume_id: info.header.volume_id,
-            max_slots: info.header.max_slots,
-            host_dead_ceiling_ms: ceiling,
-        };
-        let store = AreaStore::for_area(dev, &info);
-        let identity = Identity {
-            name: node.to_string(),
-            nonce: rand::random(),
-            params,
-        };
-        LeaseRunner::with_store(Box::new(store), layout, identity)
+        let opened = open_lease(device, node, params)?;
+        LeaseRunner::with_store(Box::new(opened.store), opened.layout, opened.identity)
     }
 
     /// A runner over any block store (tests, benchmarks).

@@ -87,9 +87,15 @@ impl std::error::Error for Waited {
 
 type Outcome = Result<Reply, DiskError>;
 
+/// Where a job's outcome goes: a blocking [`Ticket`] or an async one.
+enum ReplyTo {
+    Blocking(mpsc::SyncSender<Outcome>),
+    Async(tokio::sync::oneshot::Sender<Outcome>),
+}
+
 struct Job {
     req: Request,
-    reply: mpsc::SyncSender<Outcome>,
+    reply: ReplyTo,
 }
 
 /// A submitted request; wait on it with [`wait_until`](Ticket::wait_until).
@@ -137,6 +143,13 @@ impl Ticket {
     }
 }
 
+fn kind_of(req: &Request) -> &'static str {
+    match req {
+        Request::Read { .. } => "read",
+        Request::Write { .. } => "write",
+    }
+}
+
 /// One thread per device performing lease I/O in order.
 #[derive(Debug)]
 pub struct IoWorker {
@@ -167,7 +180,14 @@ impl IoWorker {
                     };
                     thread_pending.fetch_sub(1, Ordering::SeqCst);
                     // The caller may have dropped its ticket; that is fine.
-                    let _ = job.reply.send(outcome);
+                    match job.reply {
+                        ReplyTo::Blocking(tx) => {
+                            let _ = tx.send(outcome);
+                        }
+                        ReplyTo::Async(tx) => {
+                            let _ = tx.send(outcome);
+                        }
+                    }
                 }
             })
             .map_err(|source| DiskError::WorkerSpawn {
@@ -185,25 +205,40 @@ impl IoWorker {
 
     /// Queues `req` behind every earlier request and returns at once.
     pub fn submit(&self, req: Request) -> Ticket {
-        let kind = match req {
-            Request::Read { .. } => "read",
-            Request::Write { .. } => "write",
-        };
+        let kind = kind_of(&req);
         let (reply, rx) = mpsc::sync_channel(1);
         let submitted_at = Instant::now();
-        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
-        self.pending.fetch_add(1, Ordering::SeqCst);
-        if self.tx.send(Job { req, reply }).is_err() {
-            // The thread is gone; the ticket's sender was dropped with the job,
-            // so waiting on it reports `WorkerGone`.
-            self.pending.fetch_sub(1, Ordering::SeqCst);
-        }
+        let id = self.enqueue(req, ReplyTo::Blocking(reply));
         Ticket {
             id,
             kind,
             submitted_at,
             rx,
         }
+    }
+
+    /// Queues `req` like [`IoWorker::submit`], for an async caller: the
+    /// receiver completes when the request does (a deadline is the caller's
+    /// `tokio::time::timeout`; the request stays in flight after it). A
+    /// closed receiver (`RecvError`) means the worker thread is gone.
+    pub fn submit_async(
+        &self,
+        req: Request,
+    ) -> tokio::sync::oneshot::Receiver<Result<Reply, DiskError>> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.enqueue(req, ReplyTo::Async(reply));
+        rx
+    }
+
+    fn enqueue(&self, req: Request, reply: ReplyTo) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        if self.tx.send(Job { req, reply }).is_err() {
+            // The thread is gone; the reply sender was dropped with the job,
+            // so the waiter sees `WorkerGone` (or a closed receiver).
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+        }
+        id
     }
 
     /// Queues a read of `count` area blocks from `first_block`.

@@ -1,0 +1,428 @@
+//! `blockfence daemon`: the runtime that holds many volumes' leases at once,
+//! serves the node-local API, fences this node's use of a volume when it can
+//! no longer prove it owns it, and feeds the watchdog.
+//!
+//! Tasks and channels (all on one tokio runtime):
+//! ```text
+//! API server (axum) --Command--> dispatcher --VolumeCmd--> volume task (one per volume)
+//!                                    |                       | owns LeaseMachine + SessionMachine
+//!                                    | reads snapshots <-----+ publishes Snapshot, Guard, events
+//!                                                            | I/O worker thread (lease I/O, deadlines)
+//!                                                            | fence on a blocking thread
+//! watchdog feeder: every FEED_INTERVAL, feeds iff core::watchdog::may_feed(guards)
+//! ```
+//! Invariants:
+//! - decisions live in `core::lease`, `core::session`, `core::watchdog`; this
+//!   module wires and carries out;
+//! - one clock: tokio's monotonic `Instant`, with one epoch for the daemon;
+//! - the watchdog is fed from one place only, under the policy; a stopped
+//!   daemon stops feeding it, which is the point.
+//!
+//! What it must not do: hold a lock across an await, or wait on a device on a
+//! runtime thread (lease I/O is on the worker threads, fences and MMP
+//! cleaning on blocking threads).
+
+pub mod config;
+pub mod mounts;
+pub mod volume;
+
+pub use config::{DaemonArgs, DaemonConfig, VolumeSpec};
+
+use crate::api::{ApiError, Command, ServeConfig, Server};
+use crate::core::session::SessionConfig;
+use crate::core::watchdog::{self, Guard};
+use crate::disk::runner::{open_lease, RunnerError};
+use crate::fence::{FenceOps, FileWatchdog, SystemOps, Watchdog};
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use volume::{VolumeCmd, VolumeHandle, VolumeSetup, VolumeTask};
+
+/// How often the watchdog is fed while the policy allows it.
+pub const FEED_INTERVAL: Duration = Duration::from_millis(100);
+/// Depth of the API's command channel.
+pub const API_QUEUE: usize = 1024;
+
+/// Why the daemon could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("volume {volume:?} ({}): {source}", device.display())]
+    Volume {
+        volume: String,
+        device: PathBuf,
+        source: RunnerError,
+    },
+    #[error("--watchdog-timeout-ms: {0}")]
+    Watchdog(#[from] watchdog::TimeoutTooLong),
+    #[error("watchdog {}: {source}", path.display())]
+    WatchdogOpen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("API socket directory {}: {source}", path.display())]
+    SocketDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Serve(#[from] crate::api::ServeError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// A running daemon (for tests and `run`).
+pub struct Daemon {
+    handles: Vec<VolumeHandle>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    server: Server,
+    feeder: Option<(
+        tokio::task::JoinHandle<Option<FileWatchdog>>,
+        tokio::sync::watch::Sender<bool>,
+    )>,
+    dispatcher: tokio::task::JoinHandle<()>,
+    drain_limit: Duration,
+}
+
+impl Daemon {
+    /// Opens every volume, starts its task, the API and the watchdog feeder.
+    pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
+        Daemon::start_with(cfg, Arc::new(SystemOps)).await
+    }
+
+    /// [`Daemon::start`] with other fence operations (tests).
+    pub async fn start_with<O: FenceOps + 'static>(
+        cfg: DaemonConfig,
+        ops: Arc<O>,
+    ) -> Result<Daemon, DaemonError> {
+        let epoch = Instant::now();
+        let guards = Arc::new(Mutex::new(vec![Guard::NotWriting; cfg.volumes.len()]));
+        let mut handles = Vec::new();
+        let mut tasks = Vec::new();
+        let mut min_fence_ms = u64::MAX;
+        let mut max_window_ms = 0u64;
+        for (index, spec) in cfg.volumes.iter().enumerate() {
+            let (device, node, params) = (spec.device.clone(), cfg.node_name.clone(), cfg.params);
+            let opened = tokio::task::spawn_blocking(move || {
+                open_lease(&device, &node, |area| params.apply(area))
+            })
+            .await
+            .map_err(|e| DaemonError::Internal(e.to_string()))?
+            .map_err(|source| DaemonError::Volume {
+                volume: spec.name.clone(),
+                device: spec.device.clone(),
+                source,
+            })?;
+            let p = opened.identity.params;
+            min_fence_ms = min_fence_ms.min(p.fence_timeout_ms as u64);
+            max_window_ms =
+                max_window_ms.max(p.lease_timeout_ms as u64 + p.fence_timeout_ms as u64);
+            let rdev = mounts::device_number(&spec.device).map_err(|e| DaemonError::Volume {
+                volume: spec.name.clone(),
+                device: spec.device.clone(),
+                source: RunnerError::Failed(e.to_string()),
+            })?;
+            let sessions = SessionConfig {
+                session_timeout_ms: millis(cfg.session_timeout),
+                stop_timeout_ms: millis(cfg.stop_timeout),
+                keepalive_interval_ms: (p.renew_interval_ms as u64)
+                    .min(millis(cfg.session_timeout) / 3)
+                    .max(10),
+                fence_timeout_ms: p.fence_timeout_ms as u64,
+                handover_hold_off_ms: millis(cfg.handover_hold_off),
+                acquire_grace_ms: 4 * p.io_timeout_ms as u64 + p.renew_interval_ms as u64,
+            };
+            let (task, handle) = VolumeTask::new(VolumeSetup {
+                name: spec.name.clone(),
+                index,
+                device: spec.device.clone(),
+                rdev,
+                store: Box::new(opened.store),
+                layout: opened.layout,
+                identity: opened.identity,
+                sessions,
+                epoch,
+                guards: Arc::clone(&guards),
+                fence_ops: Arc::clone(&ops),
+                mmp_clean: rdev.is_some(),
+            })
+            .map_err(|e| DaemonError::Volume {
+                volume: spec.name.clone(),
+                device: spec.device.clone(),
+                source: RunnerError::Disk(e),
+            })?;
+            tasks.push(tokio::spawn(task.run()));
+            handles.push(handle);
+        }
+        let watchdog_timeout = cfg.watchdog_timeout.map(millis).unwrap_or(min_fence_ms);
+        watchdog::check_timeout(watchdog_timeout, min_fence_ms)?;
+        let feeder = match &cfg.watchdog {
+            Some(path) => {
+                let dog = FileWatchdog::open(path).map_err(|source| DaemonError::WatchdogOpen {
+                    path: path.clone(),
+                    source,
+                })?;
+                let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+                let g = Arc::clone(&guards);
+                Some((
+                    tokio::spawn(feed_watchdog(dog, g, epoch, watchdog_timeout, stop_rx)),
+                    stop_tx,
+                ))
+            }
+            None => {
+                tracing::warn!(
+                    "no --watchdog: a stalled daemon is covered only by `blockfence run`'s own deadline"
+                );
+                None
+            }
+        };
+        if let Some(dir) = cfg.socket.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir).map_err(|source| DaemonError::SocketDir {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+            }
+        }
+        let (api_tx, api_rx) = mpsc::channel(API_QUEUE);
+        let dispatcher = tokio::spawn(dispatch(api_rx, handles.clone()));
+        let server = Server::start(
+            &ServeConfig {
+                socket: cfg.socket.clone(),
+                tcp: cfg.listen,
+            },
+            api_tx,
+        )
+        .await?;
+        tracing::info!(node = %cfg.node_name, volumes = handles.len(), socket = %cfg.socket.display(), "daemon started");
+        Ok(Daemon {
+            handles,
+            tasks,
+            server,
+            feeder,
+            dispatcher,
+            drain_limit: cfg.stop_timeout
+                + Duration::from_millis(max_window_ms)
+                + Duration::from_secs(5),
+        })
+    }
+
+    /// The API server (its socket and TCP address).
+    pub fn server(&self) -> &Server {
+        &self.server
+    }
+
+    /// Stops: asks every holder to stop, waits until every volume is fenced
+    /// or released (bounded by the stop timeout plus the lease and fence
+    /// budget), stops the API, and disarms the watchdog only if nothing may
+    /// still be writing.
+    pub async fn shutdown(self) -> Result<(), DaemonError> {
+        for h in &self.handles {
+            let _ = h.commands.send(VolumeCmd::Shutdown).await;
+        }
+        drop(self.handles);
+        let mut clean = true;
+        let deadline = Instant::now() + self.drain_limit;
+        for task in self.tasks {
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                clean = false;
+            }
+        }
+        self.dispatcher.abort();
+        let served = self.server.shutdown().await;
+        if let Some((feeder, stop)) = self.feeder {
+            let _ = stop.send(true);
+            if let Ok(Some(dog)) = feeder.await {
+                if clean {
+                    if let Err(e) = dog.disarm() {
+                        tracing::error!(error = %e, "disarming the watchdog failed");
+                    }
+                } else {
+                    tracing::error!("volumes did not settle: leaving the watchdog armed");
+                }
+            }
+        }
+        served?;
+        if !clean {
+            return Err(DaemonError::Internal(
+                "some volumes did not settle before the shutdown limit".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Runs the daemon until `stop` completes, then shuts it down.
+pub async fn run(cfg: DaemonConfig, stop: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    let daemon = Daemon::start(cfg).await?;
+    stop.await;
+    tracing::info!("stopping: asking holders to stop");
+    daemon.shutdown().await
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Routes API commands to volume tasks; answers what needs no volume task.
+async fn dispatch(mut rx: mpsc::Receiver<Command>, handles: Vec<VolumeHandle>) {
+    let by_name: HashMap<String, usize> =
+        handles.iter().map(|h| (h.name.clone(), h.index)).collect();
+    while let Some(command) = rx.recv().await {
+        let now = Instant::now();
+        let find = |v: &str| by_name.get(v).map(|&i| &handles[i]);
+        let (target, command) = match command {
+            Command::ListVolumes { reply } => {
+                let mut all: Vec<_> = handles
+                    .iter()
+                    .map(|h| h.snapshot.borrow().status(&h.name, now))
+                    .collect();
+                all.sort_by(|a, b| a.volume.cmp(&b.volume));
+                let _ = reply.send(Ok(all));
+                continue;
+            }
+            Command::GetVolume { volume, reply } => {
+                let _ = reply.send(match find(&volume) {
+                    Some(h) => Ok(h.snapshot.borrow().status(&h.name, now)),
+                    None => Err(ApiError::unknown_volume(&volume)),
+                });
+                continue;
+            }
+            Command::Subscribe { volume, reply } => {
+                let _ = reply.send(match find(&volume) {
+                    Some(h) => Ok(h.events.subscribe()),
+                    None => Err(ApiError::unknown_volume(&volume)),
+                });
+                continue;
+            }
+            Command::Keepalive { session, reply } => match session_volume(&session, &handles) {
+                Some(h) => (h, Command::Keepalive { session, reply }),
+                None => {
+                    let _ = reply.send(Err(ApiError::unknown_session(&session)));
+                    continue;
+                }
+            },
+            Command::Release {
+                volume,
+                session,
+                reply,
+            } => {
+                let Some(h) = find(&volume) else {
+                    let _ = reply.send(Err(ApiError::unknown_volume(&volume)));
+                    continue;
+                };
+                if session_volume(&session, &handles).is_some_and(|s| s.index != h.index) {
+                    let _ = reply.send(Err(ApiError::new(
+                        crate::api::ErrorCode::SessionMismatch,
+                        format!("session {session:?} belongs to another volume, not {volume:?}"),
+                    )));
+                    continue;
+                }
+                (
+                    h,
+                    Command::Release {
+                        volume,
+                        session,
+                        reply,
+                    },
+                )
+            }
+            c @ (Command::Acquire { .. } | Command::Handover { .. }) => {
+                let volume = match &c {
+                    Command::Acquire { volume, .. } | Command::Handover { volume, .. } => {
+                        volume.clone()
+                    }
+                    _ => unreachable!("matched above"),
+                };
+                match find(&volume) {
+                    Some(h) => (h, c),
+                    None => {
+                        reply_unknown(c, &volume);
+                        continue;
+                    }
+                }
+            }
+        };
+        // A full queue waits: the router's own timeout answers 503 if needed.
+        if let Err(e) = target.commands.send(VolumeCmd::Api(command)).await {
+            if let VolumeCmd::Api(c) = e.0 {
+                reply_unavailable(c);
+            }
+        }
+    }
+}
+
+/// The volume a session id belongs to (its prefix is the volume's index).
+fn session_volume<'a>(session: &str, handles: &'a [VolumeHandle]) -> Option<&'a VolumeHandle> {
+    let (index, _) = session.split_once('-')?;
+    let index = usize::from_str_radix(index, 16).ok()?;
+    handles.get(index)
+}
+
+fn reply_unknown(c: Command, volume: &str) {
+    let e = ApiError::unknown_volume(volume);
+    match c {
+        Command::Acquire { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        Command::Handover { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
+        _ => {}
+    }
+}
+
+fn reply_unavailable(c: Command) {
+    let e = || ApiError::unavailable("the volume's task has stopped (the daemon is stopping)");
+    match c {
+        Command::Acquire { reply, .. } | Command::Keepalive { reply, .. } => {
+            let _ = reply.send(Err(e()));
+        }
+        Command::Release { reply, .. } | Command::Handover { reply, .. } => {
+            let _ = reply.send(Err(e()));
+        }
+        _ => {}
+    }
+}
+
+/// Feeds the watchdog every [`FEED_INTERVAL`] while the policy allows;
+/// starves it for good once a fence failed. Returns the watchdog when told
+/// to stop (for a clean disarm) unless it was starved.
+async fn feed_watchdog(
+    mut dog: FileWatchdog,
+    guards: Arc<Mutex<Vec<Guard>>>,
+    epoch: Instant,
+    timeout_ms: u64,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Option<FileWatchdog> {
+    let mut tick = tokio::time::interval(FEED_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return (!dog.is_starved()).then_some(dog),
+        }
+        let now = Instant::now().saturating_duration_since(epoch).as_millis() as u64;
+        let (feed, failed) = match guards.lock() {
+            Ok(g) => (
+                watchdog::may_feed(now, timeout_ms, g.iter()),
+                g.contains(&Guard::FenceFailed),
+            ),
+            Err(_) => (false, true),
+        };
+        if failed && !dog.is_starved() {
+            tracing::error!("a fence failed: starving the watchdog, the node will be reset");
+            dog.starve();
+        }
+        if feed {
+            if let Err(e) = dog.feed() {
+                tracing::warn!(error = %e, "feeding the watchdog failed");
+            }
+        }
+    }
+}

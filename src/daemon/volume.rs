@@ -1,0 +1,664 @@
+//! One volume's task: the shell around its [`LeaseMachine`] and
+//! [`SessionMachine`].
+//!
+//! The task owns both machines and feeds them the daemon's monotonic time
+//! (tokio's clock, one epoch for the whole daemon), the lease I/O results from
+//! the volume's [`IoWorker`] thread, the API requests for this volume, timer
+//! ticks and fence results; it carries out their actions: lease reads and
+//! writes, replies, events, fences (on a blocking thread), and it publishes
+//! the volume's status and its watchdog [`Guard`].
+//!
+//! It decides nothing itself: every decision is in `core::lease` and
+//! `core::session`. The one thing it adds is marking the ext4 MMP block clean
+//! right after the lease is acquired (the lease has proven the previous holder
+//! fenced), so a mount after a takeover does not wait out the kernel's MMP
+//! check.
+
+use crate::api::{
+    ApiError, Command, ErrorCode, FenceState, Grant, StopReason, VolumeEvent, VolumeEventKind,
+    VolumeState, VolumeStatus, REQUIRED_MOUNT_OPTIONS,
+};
+use crate::core::lease::{self, Event, Identity, IoFailure, Layout, LeaseMachine, Millis};
+use crate::core::params::Params;
+use crate::core::session::{
+    self, Answer, EndReason, LeaseNews, Phase, Published, Refusal, SessionConfig, SessionMachine,
+    StopKind,
+};
+use crate::core::watchdog::Guard;
+use crate::daemon::mounts::fence_device;
+use crate::disk::error::DiskError;
+use crate::disk::store::BlockStore;
+use crate::disk::worker::{IoWorker, Reply as IoReply, Request};
+use crate::fence::FenceOps;
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+/// Depth of a volume's command queue.
+pub const VOLUME_QUEUE: usize = 64;
+/// Events kept for slow subscribers before they are told they lagged.
+pub const EVENT_BUFFER: usize = 256;
+
+/// What the dispatcher sends a volume task.
+#[derive(Debug)]
+pub enum VolumeCmd {
+    /// An API command for this volume (acquire, keepalive, release, handover).
+    Api(Command),
+    /// The daemon is stopping.
+    Shutdown,
+}
+
+/// A snapshot of the volume for `GET /v1/volumes`.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub state: VolumeState,
+    pub holder: Option<String>,
+    pub generation: u64,
+    pub last_renewal: Option<Instant>,
+    pub fence_state: FenceState,
+    pub phase: Phase,
+}
+
+impl Snapshot {
+    /// The API's view at `now`.
+    pub fn status(&self, volume: &str, now: Instant) -> VolumeStatus {
+        VolumeStatus {
+            volume: volume.to_string(),
+            state: self.state,
+            holder: self.holder.clone(),
+            generation: self.generation,
+            since_renewal_ms: self
+                .last_renewal
+                .map(|t| now.saturating_duration_since(t).as_millis() as u64),
+            fence_state: self.fence_state,
+        }
+    }
+}
+
+/// The handles the rest of the daemon keeps for one volume.
+#[derive(Debug, Clone)]
+pub struct VolumeHandle {
+    pub name: String,
+    pub index: usize,
+    pub commands: mpsc::Sender<VolumeCmd>,
+    pub snapshot: watch::Receiver<Snapshot>,
+    pub events: broadcast::Sender<VolumeEvent>,
+}
+
+/// What a volume needs from the daemon.
+pub struct VolumeSetup<O> {
+    pub name: String,
+    pub index: usize,
+    pub device: PathBuf,
+    /// `st_rdev` of the device (`None` for an image file: nothing to fence).
+    pub rdev: Option<u64>,
+    pub store: Box<dyn BlockStore>,
+    pub layout: Layout,
+    pub identity: Identity,
+    pub sessions: SessionConfig,
+    /// The daemon's clock origin.
+    pub epoch: Instant,
+    /// This volume's entry in the watchdog's table.
+    pub guards: Arc<Mutex<Vec<Guard>>>,
+    pub fence_ops: Arc<O>,
+    /// Mark ext4 MMP clean after acquiring (off for raw test images).
+    pub mmp_clean: bool,
+}
+
+/// A reply waiting for the session machine's answer.
+enum Waiting {
+    Grant(crate::api::Reply<Grant>),
+    Status(crate::api::Reply<VolumeStatus>),
+}
+
+/// Work queued between the two machines.
+enum Work {
+    Lease(lease::Input),
+    Session(session::Input),
+}
+
+/// The volume task's state.
+pub struct VolumeTask<O> {
+    name: String,
+    index: usize,
+    device: PathBuf,
+    rdev: Option<u64>,
+    params: Params,
+    lease: LeaseMachine,
+    sessions: SessionMachine,
+    worker: IoWorker,
+    io: Option<(oneshot::Receiver<Result<IoReply, DiskError>>, bool)>,
+    lease_wake: Option<Millis>,
+    session_wake: Option<Millis>,
+    fence: Option<oneshot::Receiver<bool>>,
+    fence_started: Option<Instant>,
+    waiting: HashMap<u64, Waiting>,
+    next_req: u64,
+    epoch: Instant,
+    guards: Arc<Mutex<Vec<Guard>>>,
+    fence_ops: Arc<O>,
+    mmp_clean: bool,
+    last_valid_until: Option<Millis>,
+    last_renewal: Option<Instant>,
+    fenced: bool,
+    snapshot: watch::Sender<Snapshot>,
+    events: broadcast::Sender<VolumeEvent>,
+    commands: mpsc::Receiver<VolumeCmd>,
+    queue: VecDeque<Work>,
+}
+
+impl<O: FenceOps + 'static> VolumeTask<O> {
+    /// Builds the task (starting its I/O worker thread) and its handle.
+    pub fn new(setup: VolumeSetup<O>) -> Result<(VolumeTask<O>, VolumeHandle), DiskError> {
+        let worker = IoWorker::spawn(&format!("lease-{}", setup.name), setup.store)?;
+        let (tx, rx) = mpsc::channel(VOLUME_QUEUE);
+        let first = Snapshot {
+            state: VolumeState::Free,
+            holder: None,
+            generation: 0,
+            last_renewal: None,
+            fence_state: FenceState::Idle,
+            phase: Phase::Idle,
+        };
+        let (snap_tx, snap_rx) = watch::channel(first);
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let handle = VolumeHandle {
+            name: setup.name.clone(),
+            index: setup.index,
+            commands: tx,
+            snapshot: snap_rx,
+            events: events.clone(),
+        };
+        let params = setup.identity.params;
+        let task = VolumeTask {
+            name: setup.name,
+            index: setup.index,
+            device: setup.device,
+            rdev: setup.rdev,
+            params,
+            lease: LeaseMachine::new(setup.identity, setup.layout),
+            sessions: SessionMachine::new(setup.sessions),
+            worker,
+            io: None,
+            lease_wake: None,
+            session_wake: None,
+            fence: None,
+            fence_started: None,
+            waiting: HashMap::new(),
+            next_req: 0,
+            epoch: setup.epoch,
+            guards: setup.guards,
+            fence_ops: setup.fence_ops,
+            mmp_clean: setup.mmp_clean,
+            last_valid_until: None,
+            last_renewal: None,
+            fenced: false,
+            snapshot: snap_tx,
+            events,
+            commands: rx,
+            queue: VecDeque::new(),
+        };
+        Ok((task, handle))
+    }
+
+    fn now(&self) -> Millis {
+        Instant::now()
+            .saturating_duration_since(self.epoch)
+            .as_millis() as Millis
+    }
+
+    fn at(&self, ms: Millis) -> Instant {
+        self.epoch + Duration::from_millis(ms)
+    }
+
+    /// Runs until the command channel closes and nothing is held any more.
+    pub async fn run(mut self) {
+        let mut closed = false;
+        loop {
+            self.drain().await;
+            self.publish();
+            if closed && !self.sessions.may_be_writing() && self.sessions.lease().is_none() {
+                return;
+            }
+            let wake = [self.lease_wake, self.session_wake]
+                .into_iter()
+                .flatten()
+                .min()
+                .map(|t| self.at(t));
+            let io = self.io.as_mut().map(|(rx, _)| rx);
+            let fence = self.fence.as_mut();
+            tokio::select! {
+                cmd = self.commands.recv(), if !closed => match cmd {
+                    Some(VolumeCmd::Api(c)) => self.on_api(c),
+                    Some(VolumeCmd::Shutdown) => self.queue.push_back(Work::Session(session::Input::Shutdown)),
+                    None => {
+                        closed = true;
+                        self.queue.push_back(Work::Session(session::Input::Shutdown));
+                    }
+                },
+                res = maybe(io) => {
+                    let (_, is_read) = self.io.take().expect("an I/O was outstanding");
+                    self.queue.push_back(Work::Lease(io_input(res, is_read)));
+                }
+                ok = maybe(fence) => {
+                    self.fence = None;
+                    self.queue.push_back(Work::Session(session::Input::FenceDone { ok: ok.unwrap_or(false) }));
+                }
+                () = sleep_until_opt(wake) => {
+                    let now = self.now();
+                    if self.lease_wake.is_some_and(|t| now >= t) {
+                        self.lease_wake = None;
+                        self.queue.push_back(Work::Lease(lease::Input::Tick));
+                    }
+                    if self.session_wake.is_some_and(|t| now >= t) {
+                        self.session_wake = None;
+                        self.queue.push_back(Work::Session(session::Input::Tick));
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_api(&mut self, command: Command) {
+        let now = self.now();
+        self.next_req += 1;
+        let req = self.next_req;
+        let input = match command {
+            Command::Acquire {
+                holder,
+                timeout,
+                reply,
+                ..
+            } => {
+                self.waiting.insert(req, Waiting::Grant(reply));
+                let session = format!("{:x}-{:032x}", self.index, rand::random::<u128>());
+                let wait = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+                session::Input::Acquire {
+                    req,
+                    holder,
+                    session,
+                    deadline: now.saturating_add(wait),
+                }
+            }
+            Command::Keepalive { session, reply } => {
+                self.waiting.insert(req, Waiting::Grant(reply));
+                session::Input::Keepalive { req, session }
+            }
+            Command::Release { session, reply, .. } => {
+                self.waiting.insert(req, Waiting::Status(reply));
+                session::Input::Release { req, session }
+            }
+            Command::Handover { to_node, reply, .. } => {
+                self.waiting.insert(req, Waiting::Status(reply));
+                session::Input::Handover { req, to_node }
+            }
+            Command::ListVolumes { reply } => {
+                let _ = reply.send(Ok(vec![self.status()]));
+                return;
+            }
+            Command::GetVolume { reply, .. } => {
+                let _ = reply.send(Ok(self.status()));
+                return;
+            }
+            Command::Subscribe { reply, .. } => {
+                let _ = reply.send(Ok(self.events.subscribe()));
+                return;
+            }
+        };
+        self.queue.push_back(Work::Session(input));
+    }
+
+    /// Steps the machines until no work is left.
+    async fn drain(&mut self) {
+        while let Some(work) = self.queue.pop_front() {
+            match work {
+                Work::Lease(input) => self.lease_step(input).await,
+                Work::Session(input) => self.session_step(input),
+            }
+        }
+    }
+
+    async fn lease_step(&mut self, input: lease::Input) {
+        let now = self.now();
+        let actions = self.lease.step(now, input);
+        self.lease_wake = None;
+        for action in actions {
+            match action {
+                lease::Action::Read { first_block, count } => {
+                    let rx = self
+                        .worker
+                        .submit_async(Request::Read { first_block, count });
+                    self.io = Some((rx, true));
+                }
+                lease::Action::Write { block, data } => {
+                    let rx = self.worker.submit_async(Request::Write { block, data });
+                    self.io = Some((rx, false));
+                }
+                lease::Action::WakeAt(t) => self.lease_wake = Some(t),
+                lease::Action::Emit(event) => self.on_lease_event(now, event).await,
+            }
+        }
+        // A successful renewal moves valid_until without an event.
+        if let Some((_, until)) = self.lease.holding() {
+            if self.last_valid_until.is_some_and(|last| until > last) {
+                self.last_renewal = Some(Instant::now());
+                self.queue
+                    .push_back(Work::Session(session::Input::Lease(LeaseNews::Renewed {
+                        valid_until: until,
+                    })));
+            }
+            self.last_valid_until = Some(until);
+        } else {
+            self.last_valid_until = None;
+        }
+    }
+
+    async fn on_lease_event(&mut self, now: Millis, event: Event) {
+        tracing::info!(volume = %self.name, ?event, "lease");
+        let news = match event {
+            Event::Joined { .. } => return,
+            Event::Waiting { holder } => LeaseNews::Waiting { holder },
+            Event::Acquired {
+                generation,
+                valid_until,
+            } => {
+                self.last_renewal = Some(Instant::now());
+                if self.mmp_clean {
+                    self.clean_mmp(now, valid_until).await;
+                }
+                LeaseNews::Acquired {
+                    generation,
+                    valid_until,
+                }
+            }
+            Event::RenewFailed { valid_until, .. } => LeaseNews::RenewLate { valid_until },
+            Event::Lost { generation, reason } => LeaseNews::Lost {
+                generation,
+                reason: format!("{reason:?}"),
+            },
+            Event::Released { generation, .. } => LeaseNews::Released { generation },
+            Event::Stopped => LeaseNews::Stopped,
+            Event::Failed { error } => LeaseNews::Failed { error },
+        };
+        self.queue
+            .push_back(Work::Session(session::Input::Lease(news)));
+    }
+
+    /// Marks the MMP block clean, within the lease's validity; a failure is
+    /// logged (the mount then waits out MMP itself, which is safe).
+    async fn clean_mmp(&self, now: Millis, valid_until: Millis) {
+        let device = self.device.clone();
+        let limit = Duration::from_millis(
+            valid_until
+                .saturating_sub(now)
+                .min(self.params.io_timeout_ms as u64),
+        );
+        let job = tokio::task::spawn_blocking(move || crate::ext4::mark_mmp_clean(&device));
+        match tokio::time::timeout(limit, job).await {
+            Ok(Ok(Ok(previous))) => {
+                tracing::info!(volume = %self.name, ?previous, "ext4 MMP marked clean")
+            }
+            Ok(Ok(Err(e))) => tracing::warn!(volume = %self.name, error = %e, "MMP clean failed"),
+            Ok(Err(e)) => tracing::warn!(volume = %self.name, error = %e, "MMP clean panicked"),
+            Err(_) => tracing::warn!(volume = %self.name, "MMP clean timed out"),
+        }
+    }
+
+    fn session_step(&mut self, input: session::Input) {
+        let now = self.now();
+        let actions = self.sessions.step(now, input);
+        self.session_wake = None;
+        for action in actions {
+            match action {
+                session::Action::SeekLease => {
+                    self.queue.push_back(Work::Lease(lease::Input::Acquire))
+                }
+                session::Action::ReleaseLease => {
+                    self.queue.push_back(Work::Lease(lease::Input::Release))
+                }
+                session::Action::Fence { deadline, cause } => self.start_fence(deadline, cause),
+                session::Action::Reply { req, answer } => self.answer(req, answer),
+                session::Action::Publish(p) => self.publish_event(p),
+                session::Action::WakeAt(t) => self.session_wake = Some(t),
+            }
+        }
+    }
+
+    fn start_fence(&mut self, deadline: Millis, cause: EndReason) {
+        tracing::warn!(volume = %self.name, cause = cause.as_str(), "fencing this node's use of the volume");
+        let (tx, rx) = oneshot::channel();
+        let ops = Arc::clone(&self.fence_ops);
+        let deadline = self.at(deadline).into_std();
+        let rdev = self.rdev;
+        let name = self.name.clone();
+        self.fence_started = Some(Instant::now());
+        tokio::task::spawn_blocking(move || {
+            let ok = match rdev {
+                Some(rdev) => {
+                    let f = fence_device(ops, rdev, deadline);
+                    for (m, r) in f.mounts.iter().zip(&f.reports) {
+                        tracing::warn!(volume = %name, mount = %m.display(), ok = r.ok,
+                            duration_ms = r.duration_ms, killed = ?r.killed, errors = ?r.errors, "fenced");
+                    }
+                    if let Some(e) = &f.error {
+                        tracing::error!(volume = %name, error = %e, "fence failed");
+                    }
+                    f.ok
+                }
+                None => true,
+            };
+            let _ = tx.send(ok);
+        });
+        self.fence = Some(rx);
+    }
+
+    fn answer(&mut self, req: u64, answer: Answer) {
+        let Some(waiting) = self.waiting.remove(&req) else {
+            return;
+        };
+        let status = self.status();
+        match (waiting, answer) {
+            (Waiting::Grant(reply), Answer::Grant(g)) => {
+                let _ = reply.send(Ok(Grant {
+                    session: g.session,
+                    generation: g.generation,
+                    device: self.device.display().to_string(),
+                    mount_options: REQUIRED_MOUNT_OPTIONS
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect(),
+                    valid_for_ms: g.valid_for_ms,
+                    keepalive_interval_ms: g.keepalive_interval_ms,
+                    stop: g.stop.map(|k| match k {
+                        StopKind::Handover => StopReason::Handover,
+                        StopKind::Shutdown => StopReason::Shutdown,
+                    }),
+                }));
+            }
+            (Waiting::Status(reply), Answer::Done) => {
+                let _ = reply.send(Ok(status));
+            }
+            (Waiting::Grant(reply), Answer::Refused(r)) => {
+                let _ = reply.send(Err(self.refusal(r)));
+            }
+            (Waiting::Status(reply), Answer::Refused(r)) => {
+                let _ = reply.send(Err(self.refusal(r)));
+            }
+            (Waiting::Grant(reply), Answer::Done) => {
+                let _ = reply.send(Err(ApiError::unavailable(
+                    "internal: no grant in the answer",
+                )));
+            }
+            (Waiting::Status(reply), Answer::Grant(_)) => {
+                let _ = reply.send(Ok(status));
+            }
+        }
+    }
+
+    fn refusal(&self, r: Refusal) -> ApiError {
+        match r {
+            Refusal::Held { holder } => {
+                ApiError::held(&self.name, holder.as_deref().unwrap_or("another node"))
+            }
+            Refusal::UnknownSession => ApiError::new(
+                ErrorCode::UnknownSession,
+                "no such session on this volume: it was never granted or is long gone",
+            ),
+            Refusal::SessionEnded(why) => ApiError::new(
+                ErrorCode::SessionEnded,
+                format!("the session has ended ({}): stop writing now", why.as_str()),
+            ),
+            Refusal::NotHeld { holder } => ApiError::new(
+                ErrorCode::NotHeld,
+                match holder {
+                    Some(h) => format!(
+                        "volume {:?} has no session on this node (held by {h:?}): ask the holder's daemon",
+                        self.name
+                    ),
+                    None => format!("volume {:?} is not held by this node", self.name),
+                },
+            ),
+            Refusal::Unavailable(why) => ApiError::unavailable(why),
+        }
+    }
+
+    fn publish_event(&mut self, p: Published) {
+        let kind = match p {
+            Published::Granted {
+                session,
+                holder,
+                generation,
+            } => VolumeEventKind::Granted {
+                session,
+                holder,
+                generation,
+            },
+            Published::RenewalLate {
+                generation,
+                valid_for_ms,
+            } => VolumeEventKind::RenewalLate {
+                generation,
+                valid_for_ms,
+            },
+            Published::HandoverRequested { session, to_node } => {
+                VolumeEventKind::HandoverRequested { session, to_node }
+            }
+            Published::Fencing { generation, cause } => {
+                self.fenced = false;
+                VolumeEventKind::Fencing {
+                    generation,
+                    reason: cause.as_str().to_string(),
+                }
+            }
+            Published::Fenced { generation, ok } => {
+                self.fenced = true;
+                let duration_ms = self
+                    .fence_started
+                    .take()
+                    .map_or(0, |t| t.elapsed().as_millis() as u64);
+                VolumeEventKind::Fenced {
+                    generation,
+                    ok,
+                    duration_ms,
+                }
+            }
+            Published::Released { generation } => {
+                self.fenced = false;
+                VolumeEventKind::Released { generation }
+            }
+        };
+        tracing::info!(volume = %self.name, event = ?kind, "event");
+        let _ = self.events.send(VolumeEvent {
+            volume: self.name.clone(),
+            kind,
+        });
+    }
+
+    fn snapshot_now(&self) -> Snapshot {
+        let phase = self.sessions.phase();
+        let held = self.lease.holding().is_some() || self.sessions.holder().is_some();
+        Snapshot {
+            state: if held {
+                VolumeState::Held
+            } else {
+                VolumeState::Free
+            },
+            holder: self.sessions.holder().or_else(|| {
+                self.lease
+                    .holding()
+                    .map(|_| self.lease.identity().name.clone())
+            }),
+            generation: self.sessions.generation(),
+            last_renewal: self.lease.holding().and(self.last_renewal),
+            fence_state: match phase {
+                Phase::Serving => FenceState::Armed,
+                Phase::Fencing | Phase::FenceFailed => FenceState::Fenced,
+                _ if self.fenced => FenceState::Fenced,
+                _ => FenceState::Idle,
+            },
+            phase,
+        }
+    }
+
+    fn status(&self) -> VolumeStatus {
+        self.snapshot_now().status(&self.name, Instant::now())
+    }
+
+    /// Publishes the snapshot and the watchdog guard.
+    fn publish(&mut self) {
+        let snap = self.snapshot_now();
+        self.snapshot.send_replace(snap);
+        let guard = if self.sessions.phase() == Phase::FenceFailed {
+            Guard::FenceFailed
+        } else if self.sessions.may_be_writing() {
+            Guard::Writing {
+                valid_until: self.sessions.lease().map_or(0, |(_, until)| until),
+                fence_timeout_ms: self.params.fence_timeout_ms as u64,
+            }
+        } else {
+            Guard::NotWriting
+        };
+        if let Ok(mut g) = self.guards.lock() {
+            if let Some(slot) = g.get_mut(self.index) {
+                *slot = guard;
+            }
+        }
+    }
+}
+
+fn io_input(
+    res: Result<Result<IoReply, DiskError>, oneshot::error::RecvError>,
+    is_read: bool,
+) -> lease::Input {
+    let failed = |e: String| {
+        if is_read {
+            lease::Input::ReadDone(Err(IoFailure(e)))
+        } else {
+            lease::Input::WriteDone(Err(IoFailure(e)))
+        }
+    };
+    match res {
+        Ok(Ok(IoReply::Read(blocks))) => lease::Input::ReadDone(Ok(blocks)),
+        Ok(Ok(IoReply::Written)) => lease::Input::WriteDone(Ok(())),
+        Ok(Err(e)) => failed(format!("lease I/O failed: {e}")),
+        Err(_) => failed("the lease I/O worker thread died".into()),
+    }
+}
+
+/// Awaits `f` if there is one; never completes otherwise.
+async fn maybe<F: std::future::Future + Unpin>(f: Option<&mut F>) -> F::Output {
+    match f {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
