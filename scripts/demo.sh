@@ -95,11 +95,11 @@ printf '  %-14s %6s  %s\n' fault 0.00 "$old killed (path cut, all processes SIGK
     "first insert" "${tl[first_insert]}" "acknowledged by ${tl[first_insert_node]}"
 echo
 
-verify=$(demo_verify "$new")
+verify=$(demo_verify)
 verify_rc=$?
 acked=$(awk '$1 == "acked" { print $2 }' <<<"$verify")
 lost=$(awk '$1 == "lost" { print $2 }' <<<"$verify")
-after_fault=$(awk -v t="$t0" '$2 > t' "$BF_DEMO_DIR/acked.log" | wc -l)
+after_fault=$(awk -v t="$t0" '$4 > t' "$BF_DEMO_DIR/acked.log" | wc -l)
 double=$(demo_double_count)
 samples=$(cat "$BF_DEMO_DIR/samples.count" 2>/dev/null || echo 0)
 echo "rows: $acked acknowledged ($after_fault after the fault), $lost lost"

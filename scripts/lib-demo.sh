@@ -28,7 +28,8 @@
 #                rw=R path=P shut=X could_write=C" on every change, "T DOUBLE
 #                ..." for every sample in which two nodes could write (or one
 #                could while the lease names the other)
-#   acked.log    "n T node": every insert the client saw committed
+#   acked.log    "n T node S": every insert the client saw committed, at T,
+#                first tried at S
 #   node-X/      lib-nodes.sh node dir + cgroup, pid files, daemon.log,
 #                pod.log, watchdog.log, pathmode
 #
@@ -506,15 +507,16 @@ demo_client_start() {
 }
 
 demo__client() {
-    local n=1 prefer=node-a node now
+    local n=1 prefer=node-a node now start
     export PGCONNECT_TIMEOUT=2 PGUSER=postgres PGDATABASE=postgres
     while [[ ! -e $BF_DEMO_DIR/client.stop ]]; do
         local ok=0
-        for node in "$prefer" "$(demo_other "$prefer")"; do
+        read -r start _ </proc/uptime
+        for node in "$prefer" "${BF_OTHER[$prefer]}"; do
             if timeout -k 0.2 1.5 psql -h 127.0.0.1 -p "$(demo_node_port "$node")" -X -qAt \
                 -v ON_ERROR_STOP=1 -c "INSERT INTO t (n) VALUES ($n)" >/dev/null 2>&1; then
                 read -r now _ </proc/uptime
-                echo "$n $now $node" >>"$BF_DEMO_DIR/acked.log"
+                echo "$n $now $node $start" >>"$BF_DEMO_DIR/acked.log"
                 n=$((n + 1))
                 prefer=$node
                 ok=1
@@ -611,11 +613,12 @@ demo_inject() {
 # demo_fault_time: the fault's time (uptime seconds).
 demo_fault_time() { awk '$2 == "fault" { print $1; exit }' "$BF_DEMO_DIR/events.log"; }
 
-# demo_wait_insert_after T SECONDS: until an insert acknowledged after T.
+# demo_wait_insert_after T SECONDS: until an insert first tried after T is
+# acknowledged (one in flight at T proves nothing about a takeover).
 demo_wait_insert_after() {
     demo_wait_log "$BF_DEMO_DIR/acked.log" "." "$2" >/dev/null # at least one line
     local left=$(($2 * 10))
-    until awk -v t="$1" '$2 > t { f = 1 } END { exit !f }' "$BF_DEMO_DIR/acked.log"; do
+    until awk -v t="$1" '$4 > t { f = 1 } END { exit !f }' "$BF_DEMO_DIR/acked.log"; do
         ((left-- > 0)) || return 1
         sleep 0.1
     done
@@ -623,6 +626,7 @@ demo_wait_insert_after() {
 
 # demo_timeline OLD: "key value" lines (seconds from the fault, or "-"):
 # fence release takeover mount first_insert first_insert_node
+# (first_insert: the first acknowledged insert first tried after the fault)
 demo_timeline() {
     local old=$1 new t0
     new=$(demo_other "$old")
@@ -634,7 +638,7 @@ demo_timeline() {
             if ($2 == "lease" && $3 == ("holder=" new) && takeover == "") takeover = $1 - t0
             if ($2 == "node" && $3 == new && $4 == "mounted=1" && mount == "") mount = $1 - t0
         }
-        FILENAME ~ /acked.log$/ && $2 >= t0 && first == "" { first = $2 - t0; firstnode = $3 }
+        FILENAME ~ /acked.log$/ && $4 > t0 && first == "" { first = $2 - t0; firstnode = $3 }
         END {
             f = "%.2f"
             printf "fence %s\nrelease %s\ntakeover %s\nmount %s\nfirst_insert %s\nfirst_insert_node %s\n",
@@ -644,11 +648,14 @@ demo_timeline() {
         }' "$BF_DEMO_DIR/samples.log" "$BF_DEMO_DIR/acked.log"
 }
 
-# demo_verify NODE: every acknowledged n is in table t on NODE. Prints
+# demo_verify [NODE]: every acknowledged n is in table t on NODE (default:
+# the node that acknowledged the last insert, once it answers). Prints
 # "acked N", "lost N" and the missing rows; returns 1 if any is missing.
 demo_verify() {
-    local node=$1 present missing
+    local node=${1:-} present missing
+    [[ -n $node ]] || node=$(tail -n1 "$BF_DEMO_DIR/acked.log" | awk '{ print $3 }')
     present=$BF_DEMO_DIR/present.txt
+    demo_wait_ready "$node" 30
     demo_psql "$node" "SELECT DISTINCT n FROM t ORDER BY n" >"$present" ||
         { echo "acked $(wc -l <"$BF_DEMO_DIR/acked.log")"; echo "lost unknown (cannot query $node)"; return 1; }
     missing=$(awk '{ print $1 }' "$BF_DEMO_DIR/acked.log" | sort -n | comm -23 - <(sort -n "$present"))
