@@ -29,9 +29,11 @@
 
 pub mod api;
 pub mod cli;
+pub mod client;
 pub mod core;
 pub mod daemon;
 pub mod disk;
 pub mod ext4;
 pub mod fence;
+pub mod metrics;
 pub mod sim;

@@ -2,20 +2,31 @@
 //! fake backend, a hand-written HTTP/1.1 client, and every answer checked
 //! against docs/openapi.yaml (the status is documented for the operation, and
 //! the body has the documented required fields, types and enum values).
+//! Event streams (server-sent events) are read incrementally over the same
+//! socket, and each event's data is checked against the documented schema.
 
 use blockfence::api::fake::FakeBackend;
-use blockfence::api::{Command, ServeConfig, ServeError, Server};
+use blockfence::api::{Command, ServeConfig, ServeError, Server, VolumeEvent, VolumeEventKind};
+use blockfence::metrics::Metrics;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
+
+/// A guard against hangs only: every wait below ends on an event long before.
+const HANG_GUARD: Duration = Duration::from_secs(30);
+
+/// The path template of the event stream.
+const EVENTS: &str = "/v1/volumes/{volume}/events";
 
 const OPENAPI: &str = include_str!("../docs/openapi.yaml");
 
+#[derive(Debug)]
 struct Response {
     status: u16,
     content_type: String,
@@ -93,6 +104,149 @@ fn dechunk(mut rest: &str) -> String {
     }
 }
 
+/// One server-sent event.
+#[derive(Debug)]
+struct SseEvent {
+    event: String,
+    data: String,
+}
+
+impl SseEvent {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.data)
+            .unwrap_or_else(|e| panic!("event data is not JSON ({e}): {:?}", self.data))
+    }
+}
+
+/// An event stream whose response head has been read.
+struct EventStream {
+    reader: BufReader<UnixStream>,
+    /// Body text received but not yet split into events.
+    buffer: String,
+    ended: bool,
+}
+
+/// Open an event stream: `Ok` with the stream (and its head, as a bodiless
+/// response for [`Doc::check`]) on 200, `Err` with the full answer otherwise.
+async fn open_events(socket: &Path, volume: &str) -> Result<(Response, EventStream), Response> {
+    let mut stream = UnixStream::connect(socket).await.unwrap();
+    let req = format!(
+        "GET /v1/volumes/{volume}/events HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAccept: text/event-stream\r\n\r\n"
+    );
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        let n = tokio::time::timeout(HANG_GUARD, reader.read_line(&mut line))
+            .await
+            .expect("the response head arrives")
+            .unwrap();
+        assert!(n > 0, "EOF inside the response head: {head:?}");
+        if line == "\r\n" {
+            break;
+        }
+        head.push_str(&line);
+    }
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut content_type = String::new();
+    let mut chunked = false;
+    for line in lines {
+        let (name, value) = line.split_once(':').unwrap();
+        match name.to_ascii_lowercase().as_str() {
+            "content-type" => content_type = value.trim().to_string(),
+            "transfer-encoding" => chunked = value.trim().eq_ignore_ascii_case("chunked"),
+            _ => {}
+        }
+    }
+    if status != 200 {
+        let mut rest = String::new();
+        reader.read_to_string(&mut rest).await.unwrap();
+        let body = if chunked { dechunk(&rest) } else { rest };
+        return Err(Response {
+            status,
+            content_type,
+            body,
+        });
+    }
+    assert!(chunked, "an event stream is sent chunked");
+    let head = Response {
+        status,
+        content_type,
+        body: String::new(),
+    };
+    Ok((
+        head,
+        EventStream {
+            reader,
+            buffer: String::new(),
+            ended: false,
+        },
+    ))
+}
+
+impl EventStream {
+    /// The next event (keep-alive comments skipped), or `None` once the
+    /// stream has ended.
+    async fn next(&mut self) -> Option<SseEvent> {
+        tokio::time::timeout(HANG_GUARD, self.next_unguarded())
+            .await
+            .expect("an event or the end of the stream")
+    }
+
+    async fn next_unguarded(&mut self) -> Option<SseEvent> {
+        loop {
+            while let Some(end) = self.buffer.find("\n\n") {
+                let frame: String = self.buffer.drain(..end + 2).collect();
+                let mut event = None;
+                let mut data = Vec::new();
+                for line in frame.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        event = Some(v.trim_start().to_string());
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push(v.trim_start().to_string());
+                    } else {
+                        assert!(line.is_empty() || line.starts_with(':'), "{line:?}");
+                    }
+                }
+                if let Some(event) = event {
+                    return Some(SseEvent {
+                        event,
+                        data: data.join("\n"),
+                    });
+                }
+                assert!(data.is_empty(), "data without an event name: {frame:?}");
+            }
+            if self.ended {
+                assert!(self.buffer.is_empty(), "a partial event: {:?}", self.buffer);
+                return None;
+            }
+            // One chunk: size line, bytes, CRLF.
+            let mut size = String::new();
+            if self.reader.read_line(&mut size).await.unwrap() == 0 {
+                self.ended = true;
+                continue;
+            }
+            let size = usize::from_str_radix(size.trim(), 16).unwrap();
+            let mut chunk = vec![0; size + 2];
+            self.reader.read_exact(&mut chunk).await.unwrap();
+            if size == 0 {
+                self.ended = true;
+            }
+            chunk.truncate(size);
+            self.buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    }
+}
+
 /// The OpenAPI document, and which operations the answers seen so far cover.
 struct Doc {
     doc: Value,
@@ -153,13 +307,42 @@ impl Doc {
         self.seen.lock().unwrap().insert((m, template.to_string()));
     }
 
-    /// A small schema check: $ref, allOf, type, nullable, enum, required,
-    /// properties, items.
+    /// Panics unless `event` is documented: its data matches the event
+    /// schema, and its `event` field is the SSE event name.
+    fn check_event(&self, event: &SseEvent) -> Value {
+        let data = event.json();
+        let schema = json!({"$ref": "#/components/schemas/StreamEvent"});
+        if let Err(e) = self.validate(&schema, &data) {
+            panic!("event {}: {e}; data {data}", event.event);
+        }
+        assert_eq!(data["event"], event.event.as_str(), "{data}");
+        data
+    }
+
+    /// A small schema check: $ref, allOf, oneOf, type, nullable, enum,
+    /// required, properties, items, additionalProperties: false.
     fn validate(&self, schema: &Value, v: &Value) -> Result<(), String> {
         let schema = self.resolve(schema);
         if let Some(all) = schema.get("allOf").and_then(Value::as_array) {
             for s in all {
                 self.validate(s, v)?;
+            }
+        }
+        if let Some(one) = schema.get("oneOf").and_then(Value::as_array) {
+            let matching = one.iter().filter(|s| self.validate(s, v).is_ok()).count();
+            if matching != 1 {
+                return Err(format!("{v} matches {matching} of the oneOf schemas"));
+            }
+        }
+        if let (Some(false), Some(obj)) = (
+            schema.get("additionalProperties").and_then(Value::as_bool),
+            v.as_object(),
+        ) {
+            let props = schema.get("properties").and_then(Value::as_object);
+            for name in obj.keys() {
+                if !props.is_some_and(|p| p.contains_key(name)) {
+                    return Err(format!("field {name:?} is not documented"));
+                }
             }
         }
         if v.is_null() && schema["nullable"] == json!(true) {
@@ -235,13 +418,17 @@ impl Harness {
     async fn start() -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("api.sock");
-        let commands = FakeBackend::new(["vol-a", "vol-b"]).spawn();
+        let metrics = Arc::new(Metrics::new());
+        let commands = FakeBackend::new(["vol-a", "vol-b"])
+            .with_metrics(metrics.clone())
+            .spawn();
         let server = Server::start(
             &ServeConfig {
                 socket: socket.clone(),
                 tcp: None,
             },
             commands,
+            metrics.clone(),
         )
         .await
         .unwrap();
@@ -345,7 +532,14 @@ async fn every_documented_operation_answers_as_documented() {
     assert_eq!((r.status, r.json()), (200, json!({"status": "ok"})));
     let r = h.call("GET", "/metrics", "/metrics", None).await;
     assert_eq!(r.status, 200);
-    assert!(r.body.starts_with("# blockfence"), "{:?}", r.body);
+    assert!(
+        r.body.contains("\nblockfence_build_info{version=\""),
+        "{:?}",
+        r.body
+    );
+    // Subscribed before anything happens: the stream sees all of it.
+    let (head, mut events) = open_events(&h.socket, "vol-a").await.unwrap();
+    h.doc.check("GET", EVENTS, &head);
 
     let r = h.call("GET", "/v1/volumes", "/v1/volumes", None).await;
     assert_eq!(r.status, 200);
@@ -424,6 +618,39 @@ async fn every_documented_operation_answers_as_documented() {
         )
         .await;
     assert_error(&r, 404, "unknown_session");
+
+    // The metrics the server was given follow the fake backend.
+    let r = h.call("GET", "/metrics", "/metrics", None).await;
+    for line in [
+        r#"blockfence_lease_generation{volume="vol-a"} 3"#,
+        r#"blockfence_lease_state{state="free",volume="vol-a"} 1"#,
+        r#"blockfence_lease_state{state="held",volume="vol-b"} 0"#,
+    ] {
+        assert!(r.body.lines().any(|l| l == line), "{line} in {}", r.body);
+    }
+
+    // Everything that happened to vol-a, in order.
+    let mut kinds = Vec::new();
+    for _ in 0..5 {
+        let e = events.next().await.expect("the stream stays open");
+        let data = h.doc.check_event(&e);
+        assert_eq!(data["volume"], "vol-a");
+        kinds.push(serde_json::from_value::<VolumeEvent>(data).unwrap().kind);
+    }
+    assert!(
+        matches!(
+            &kinds[..],
+            [
+                VolumeEventKind::Granted { holder: h1, generation: 1, .. },
+                VolumeEventKind::Released { generation: 1 },
+                VolumeEventKind::Granted { holder: h2, generation: 2, session: s2 },
+                VolumeEventKind::HandoverRequested { session: s3, to_node },
+                VolumeEventKind::Released { generation: 2 },
+            ] if h1 == "pod-1" && h2 == "pod-2" && s2 == &session && s3 == &session && to_node == "node-b"
+        ),
+        "{kinds:?}"
+    );
+    drop(events);
 
     let seen = h.doc.seen.lock().unwrap().clone();
     assert_eq!(
@@ -529,6 +756,18 @@ async fn malformed_requests_are_400_with_a_json_reason() {
 async fn unknown_volumes_sessions_paths_and_methods() {
     let h = Harness::start().await;
     assert_error(&h.volume("nope").await, 404, "unknown_volume");
+    let r = open_events(&h.socket, "nope")
+        .await
+        .err()
+        .expect("no stream for an unknown volume");
+    h.doc.check("GET", EVENTS, &r);
+    assert_error(&r, 404, "unknown_volume");
+    let r = open_events(&h.socket, "no%20pe")
+        .await
+        .err()
+        .expect("a bad name");
+    h.doc.check("GET", EVENTS, &r);
+    assert_error(&r, 400, "bad_request");
     assert_error(&h.acquire("nope", "p", 1.0).await, 404, "unknown_volume");
     assert_error(&h.release("nope", "s").await, 404, "unknown_volume");
     let r = h
@@ -698,6 +937,7 @@ async fn start(socket: &Path, commands: mpsc::Sender<Command>) -> Server {
             tcp: None,
         },
         commands,
+        Arc::new(Metrics::new()),
     )
     .await
     .unwrap()
@@ -730,10 +970,14 @@ async fn socket_handling() {
         socket: socket.clone(),
         tcp: None,
     };
-    let err = Server::start(&config, FakeBackend::new(["v"]).spawn())
-        .await
-        .err()
-        .expect("a second server on the same socket is refused");
+    let err = Server::start(
+        &config,
+        FakeBackend::new(["v"]).spawn(),
+        Arc::new(Metrics::new()),
+    )
+    .await
+    .err()
+    .expect("a second server on the same socket is refused");
     assert!(matches!(err, ServeError::SocketInUse { .. }), "{err}");
     // ...and the refused start left the first server working.
     let r = http(
@@ -757,6 +1001,7 @@ async fn socket_handling() {
             tcp: None,
         },
         FakeBackend::new(["v"]).spawn(),
+        Arc::new(Metrics::new()),
     )
     .await
     .err()
@@ -776,6 +1021,7 @@ async fn tcp_only_on_loopback() {
                 tcp: Some(addr.parse().unwrap()),
             },
             FakeBackend::new(["v"]).spawn(),
+            Arc::new(Metrics::new()),
         )
         .await
         .err()
@@ -791,6 +1037,7 @@ async fn tcp_only_on_loopback() {
             tcp: Some("127.0.0.1:0".parse().unwrap()),
         },
         FakeBackend::new(["vol-a"]).spawn(),
+        Arc::new(Metrics::new()),
     )
     .await
     .unwrap();
@@ -800,4 +1047,86 @@ async fn tcp_only_on_loopback() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["volume"], "vol-a");
     server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_event_stream_reports_acquire_and_release_then_ends_on_shutdown() {
+    let h = Harness::start().await;
+    let (_, mut events) = open_events(&h.socket, "vol-b").await.unwrap();
+    let grant = h.acquire("vol-b", "pod-1", 0.0).await.json();
+    let session = grant["session"].as_str().unwrap();
+    // Another volume's events are not on this stream.
+    let other = h.acquire("vol-a", "pod-9", 0.0).await.json();
+    assert_eq!(h.release("vol-b", session).await.status, 200);
+
+    let e = events.next().await.unwrap();
+    assert_eq!(e.event, "granted");
+    let data = h.doc.check_event(&e);
+    assert_eq!(
+        data,
+        json!({"volume": "vol-b", "event": "granted", "session": session,
+               "holder": "pod-1", "generation": 1})
+    );
+    let e = events.next().await.unwrap();
+    assert_eq!(e.event, "released");
+    assert_eq!(
+        h.doc.check_event(&e),
+        json!({"volume": "vol-b", "event": "released", "generation": 1})
+    );
+    assert_eq!(
+        h.release("vol-a", other["session"].as_str().unwrap())
+            .await
+            .status,
+        200
+    );
+
+    // A graceful shutdown does not wait for subscribers: it ends their streams.
+    tokio::time::timeout(HANG_GUARD, h.stop())
+        .await
+        .expect("shutdown ends open event streams");
+    assert!(events.next().await.is_none(), "the stream has ended");
+}
+
+#[tokio::test]
+async fn a_subscriber_that_fell_behind_is_told_how_many_events_it_missed() {
+    let dir = tempfile::tempdir().unwrap();
+    let doc = Doc::load();
+    // A backend that answers Subscribe with a receiver that has already
+    // missed three of five events (the channel holds two), then goes away.
+    let (tx, mut rx) = mpsc::channel::<Command>(1);
+    let backend = tokio::spawn(async move {
+        while let Some(command) = rx.recv().await {
+            if let Command::Subscribe { volume, reply } = command {
+                let (events, receiver) = broadcast::channel(2);
+                for generation in 1..=5 {
+                    events
+                        .send(VolumeEvent {
+                            volume: volume.clone(),
+                            kind: VolumeEventKind::Released { generation },
+                        })
+                        .unwrap();
+                }
+                reply.send(Ok(receiver)).unwrap();
+            }
+        }
+    });
+    let socket = dir.path().join("lag.sock");
+    let server = start(&socket, tx).await;
+    let (_, mut events) = open_events(&socket, "v").await.unwrap();
+
+    let e = events.next().await.unwrap();
+    assert_eq!(e.event, "lagged");
+    assert_eq!(
+        doc.check_event(&e),
+        json!({"volume": "v", "event": "lagged", "missed": 3})
+    );
+    for generation in [4, 5] {
+        let e = events.next().await.unwrap();
+        assert_eq!(e.event, "released");
+        assert_eq!(doc.check_event(&e)["generation"], generation);
+    }
+    // The backend dropped its sender: the stream ends.
+    assert!(events.next().await.is_none());
+    server.shutdown().await.unwrap();
+    backend.await.unwrap();
 }

@@ -11,17 +11,27 @@
 //! - Handover of a held volume makes `to_node` the holder with the next
 //!   generation; the local session ends (its id becomes unknown).
 //! - Grants never expire here: keepalive only resets `since_renewal_ms`.
+//! - [`FakeBackend::with_max_wait`] caps how long an acquire waits (a fuzzer
+//!   asking for an hour then gets its 409 sooner).
+//! - Each volume has a broadcast channel of [`VolumeEvent`]s (what
+//!   `Command::Subscribe` hands out): `granted` on every grant, `released` on
+//!   release, `handover_requested` then `released` when a locally held volume
+//!   is handed over. There are no renewals or fences here, so no other events.
+//! - Given [`Metrics`] ([`FakeBackend::with_metrics`]), it keeps the lease
+//!   state, generation and session gauges of each volume up to date.
 //!
 //! One task owns all state and handles one command at a time, the way the
 //! daemon's runtime will; it reads tokio's clock, so tests may pause time.
 
 use super::{
-    ApiError, Command, ErrorCode, FenceState, Grant, Reply, VolumeState, VolumeStatus,
-    REQUIRED_MOUNT_OPTIONS,
+    ApiError, Command, ErrorCode, FenceState, Grant, Reply, VolumeEvent, VolumeEventKind,
+    VolumeState, VolumeStatus, REQUIRED_MOUNT_OPTIONS,
 };
+use crate::metrics::{LeaseState, Metrics};
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 
 /// How long a fake grant says it is valid.
@@ -29,6 +39,10 @@ pub const FAKE_VALID_FOR: Duration = Duration::from_secs(10);
 
 /// Depth of the command channel [`FakeBackend::spawn`] creates.
 pub const COMMAND_QUEUE: usize = 64;
+
+/// How many events a volume's broadcast channel buffers per subscriber before
+/// a slow subscriber is told it lagged.
+pub const EVENT_BUFFER: usize = 64;
 
 /// The in-memory backend. Build it with the volumes it knows, then
 /// [`FakeBackend::spawn`] it.
@@ -38,13 +52,36 @@ pub struct FakeBackend {
     /// Session id -> volume name.
     sessions: HashMap<String, String>,
     next_session: u64,
+    metrics: Option<Arc<Metrics>>,
+    max_wait: Option<Duration>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct FakeVolume {
     generation: u64,
     holder: Option<Holder>,
     waiters: VecDeque<Waiter>,
+    events: broadcast::Sender<VolumeEvent>,
+}
+
+impl FakeVolume {
+    fn new() -> FakeVolume {
+        FakeVolume {
+            generation: 0,
+            holder: None,
+            waiters: VecDeque::new(),
+            events: broadcast::channel(EVENT_BUFFER).0,
+        }
+    }
+
+    /// Send an event to the volume's subscribers, if any.
+    fn publish(&self, volume: &str, kind: VolumeEventKind) {
+        // An error only means nobody listens right now.
+        let _ = self.events.send(VolumeEvent {
+            volume: volume.to_string(),
+            kind,
+        });
+    }
 }
 
 #[derive(Debug)]
@@ -72,10 +109,45 @@ impl FakeBackend {
         FakeBackend {
             volumes: volumes
                 .into_iter()
-                .map(|v| (v.into(), FakeVolume::default()))
+                .map(|v| (v.into(), FakeVolume::new()))
                 .collect(),
             ..FakeBackend::default()
         }
+    }
+
+    /// Keep `metrics` up to date: lease state (free or held), generation and
+    /// sessions of every volume.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> FakeBackend {
+        self.metrics = Some(metrics);
+        for name in self.volumes.keys() {
+            self.record(name);
+        }
+        self
+    }
+
+    /// Wait at most `max` for a held volume, whatever timeout an acquire asks
+    /// for (answering 409 `held` after that, as when its own timeout passes).
+    pub fn with_max_wait(mut self, max: Duration) -> FakeBackend {
+        self.max_wait = Some(max);
+        self
+    }
+
+    /// Copy a volume's state into the metrics, if there are any.
+    fn record(&self, volume: &str) {
+        let (Some(m), Some(v)) = (&self.metrics, self.volumes.get(volume)) else {
+            return;
+        };
+        let local = v.holder.as_ref().is_some_and(|h| h.session.is_some());
+        m.set_state(
+            volume,
+            if local {
+                LeaseState::Held
+            } else {
+                LeaseState::Free
+            },
+        );
+        m.set_generation(volume, v.generation);
+        m.set_sessions(volume, usize::from(local));
     }
 
     /// Run on the current tokio runtime; returns the channel to give to
@@ -119,7 +191,10 @@ impl FakeBackend {
                 holder,
                 timeout,
                 reply,
-            } => self.acquire(volume, holder, now + timeout, reply, now),
+            } => {
+                let wait = self.max_wait.map_or(timeout, |max| timeout.min(max));
+                self.acquire(volume, holder, now + wait, reply, now)
+            }
             Command::Keepalive { session, reply } => {
                 let _ = reply.send(self.keepalive(&session, now));
             }
@@ -131,12 +206,7 @@ impl FakeBackend {
                 let _ = reply.send(self.release(&volume, &session, now));
             }
             Command::Subscribe { volume, reply } => {
-                // No events in the fake yet: a stream that stays open and silent.
-                let _ = reply.send(self.volume(&volume).map(|_| {
-                    let (tx, rx) = tokio::sync::broadcast::channel(1);
-                    std::mem::forget(tx);
-                    rx
-                }));
+                let _ = reply.send(self.volume(&volume).map(|v| v.events.subscribe()));
             }
             Command::Handover {
                 volume,
@@ -191,13 +261,23 @@ impl FakeBackend {
             .get_mut(volume)
             .expect("grant is only called for known volumes");
         v.generation += 1;
+        let generation = v.generation;
+        v.publish(
+            volume,
+            VolumeEventKind::Granted {
+                session: session.clone(),
+                holder: holder.clone(),
+                generation,
+            },
+        );
         v.holder = Some(Holder {
             name: holder,
             session: Some(session.clone()),
             renewed: now,
         });
         self.sessions.insert(session.clone(), volume.to_string());
-        grant_for(volume, session, v.generation)
+        self.record(volume);
+        grant_for(volume, session, generation)
     }
 
     fn keepalive(&mut self, session: &str, now: Instant) -> Result<Grant, ApiError> {
@@ -242,6 +322,13 @@ impl FakeBackend {
             .get_mut(volume)
             .expect("checked above that the volume exists");
         v.holder = None;
+        v.publish(
+            volume,
+            VolumeEventKind::Released {
+                generation: v.generation,
+            },
+        );
+        self.record(volume);
         self.grant_to_next_waiter(volume, now);
         Ok(self.volumes[volume].status(volume, now))
     }
@@ -264,6 +351,19 @@ impl FakeBackend {
         };
         if let Some(session) = holder.session {
             self.sessions.remove(&session);
+            v.publish(
+                volume,
+                VolumeEventKind::HandoverRequested {
+                    session,
+                    to_node: to_node.clone(),
+                },
+            );
+            v.publish(
+                volume,
+                VolumeEventKind::Released {
+                    generation: v.generation,
+                },
+            );
         }
         v.generation += 1;
         v.holder = Some(Holder {
@@ -271,7 +371,9 @@ impl FakeBackend {
             session: None,
             renewed: now,
         });
-        Ok(v.status(volume, now))
+        let status = v.status(volume, now);
+        self.record(volume);
+        Ok(status)
     }
 
     /// Grant a freed volume to its first waiter that still listens.
@@ -295,7 +397,14 @@ impl FakeBackend {
                     self.sessions.remove(&grant.session);
                     if let Some(v) = self.volumes.get_mut(volume) {
                         v.holder = None;
+                        v.publish(
+                            volume,
+                            VolumeEventKind::Released {
+                                generation: grant.generation,
+                            },
+                        );
                     }
+                    self.record(volume);
                 }
                 Err(Err(_)) => return,
             }
@@ -451,6 +560,28 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn max_wait_caps_how_long_an_acquire_waits() {
+        let tx = FakeBackend::new(["v"])
+            .with_max_wait(Duration::from_secs(2))
+            .spawn();
+        acquire(&tx, "v", "a", Duration::ZERO)
+            .await
+            .await
+            .unwrap()
+            .unwrap();
+        let started = Instant::now();
+        let b = acquire(&tx, "v", "b", Duration::from_secs(3600)).await;
+        let err = b.await.unwrap().unwrap_err();
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        assert_eq!(err.code, ErrorCode::Held);
+        // Shorter timeouts are kept.
+        let started = Instant::now();
+        let c = acquire(&tx, "v", "c", Duration::from_secs(1)).await;
+        assert_eq!(c.await.unwrap().unwrap_err().code, ErrorCode::Held);
+        assert_eq!(started.elapsed(), Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_waiter_that_went_away_is_skipped() {
         let tx = FakeBackend::new(["v"]).spawn();
         let long = Duration::from_secs(60);
@@ -464,5 +595,104 @@ mod tests {
         let status = release(&tx, "v", &a.session).await;
         assert_eq!(status.holder.as_deref(), Some("c"));
         assert_eq!(c.await.unwrap().unwrap().generation, 2);
+    }
+
+    async fn subscribe(
+        tx: &mpsc::Sender<Command>,
+        volume: &str,
+    ) -> Result<broadcast::Receiver<VolumeEvent>, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        tx.send(Command::Subscribe {
+            volume: volume.into(),
+            reply,
+        })
+        .await
+        .unwrap();
+        rx.await.unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn subscribers_see_grants_releases_and_handovers_in_order() {
+        let metrics = Arc::new(Metrics::new());
+        let tx = FakeBackend::new(["v", "w"])
+            .with_metrics(metrics.clone())
+            .spawn();
+        assert_eq!(
+            subscribe(&tx, "nope").await.unwrap_err().code,
+            ErrorCode::UnknownVolume
+        );
+        let mut events = subscribe(&tx, "v").await.unwrap();
+        let mut other = subscribe(&tx, "w").await.unwrap();
+        let a = acquire(&tx, "v", "a", Duration::ZERO)
+            .await
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(metrics
+            .render()
+            .contains(r#"blockfence_lease_state{state="held",volume="v"} 1"#));
+        release(&tx, "v", &a.session).await;
+        let b = acquire(&tx, "v", "b", Duration::ZERO)
+            .await
+            .await
+            .unwrap()
+            .unwrap();
+        let (reply, rx) = oneshot::channel();
+        tx.send(Command::Handover {
+            volume: "v".into(),
+            to_node: "node-2".into(),
+            reply,
+        })
+        .await
+        .unwrap();
+        rx.await.unwrap().unwrap();
+
+        let mut seen = Vec::new();
+        for _ in 0..5 {
+            let e = events.recv().await.unwrap();
+            assert_eq!(e.volume, "v");
+            seen.push(e.kind);
+        }
+        assert_eq!(
+            seen,
+            vec![
+                VolumeEventKind::Granted {
+                    session: a.session.clone(),
+                    holder: "a".into(),
+                    generation: 1
+                },
+                VolumeEventKind::Released { generation: 1 },
+                VolumeEventKind::Granted {
+                    session: b.session.clone(),
+                    holder: "b".into(),
+                    generation: 2
+                },
+                VolumeEventKind::HandoverRequested {
+                    session: b.session.clone(),
+                    to_node: "node-2".into()
+                },
+                VolumeEventKind::Released { generation: 2 },
+            ]
+        );
+        assert!(matches!(
+            events.try_recv(),
+            Err(broadcast::error::TryRecvError::Empty)
+        ));
+        // Nothing happened to the other volume.
+        assert!(matches!(
+            other.try_recv(),
+            Err(broadcast::error::TryRecvError::Empty)
+        ));
+        let text = metrics.render();
+        assert!(text.contains(r#"blockfence_lease_state{state="free",volume="v"} 1"#));
+        assert!(text.contains(r#"blockfence_lease_generation{volume="v"} 3"#));
+        assert!(text.contains(r#"blockfence_sessions{volume="v"} 0"#));
+
+        // The stream ends when the backend does.
+        drop(tx);
+        assert!(matches!(
+            events.recv().await,
+            Err(broadcast::error::RecvError::Closed)
+        ));
     }
 }

@@ -4,21 +4,35 @@
 //! Request bodies go through [`ApiJson`] and path parameters through
 //! [`ApiPath`], so that every rejection is a JSON [`ApiError`] rather than
 //! axum's plain-text one. Unknown paths and methods are JSON too.
+//!
+//! `GET /v1/volumes/{volume}/events` is the one long-lived answer: server-sent
+//! events fed by the backend's broadcast receiver. It ends when the backend
+//! drops its sender or the server shuts down (so a graceful shutdown never
+//! waits on a subscriber), and a subscriber that falls behind is told how many
+//! events it missed (`event: lagged`) rather than cut off.
 
-use super::{ApiError, Command, ErrorBody, ErrorCode, Grant, VolumeStatus, MAX_ACQUIRE_TIMEOUT};
+use super::{
+    ApiError, Command, ErrorBody, ErrorCode, Grant, VolumeEvent, VolumeEventKind, VolumeStatus,
+    MAX_ACQUIRE_TIMEOUT,
+};
+use crate::metrics::Metrics;
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::header;
 use axum::http::request::Parts;
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures_util::Stream;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 /// How long a handler waits for the backend beyond the command's own timeout
 /// before it answers 503.
@@ -29,6 +43,16 @@ pub const READYZ_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Longest volume name, session id or node name accepted.
 pub const MAX_NAME_LEN: usize = 253;
+
+/// How often an idle event stream sends a keep-alive comment, so that proxies
+/// and clients can tell a quiet stream from a dead one.
+pub const SSE_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The SSE `event:` name sent when a subscriber fell behind and missed events.
+pub const LAGGED_EVENT: &str = "lagged";
+
+/// Content type of `/metrics` (Prometheus text format 0.0.4).
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -144,11 +168,26 @@ pub struct Health {
     pub status: String,
 }
 
-/// What the handlers share: the command channel and the readiness flag.
+/// The data of an `event: lagged` message: the subscriber missed `missed`
+/// events (the stream goes on with the next one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lagged {
+    /// The volume's name.
+    pub volume: String,
+    /// Always [`LAGGED_EVENT`].
+    pub event: String,
+    /// How many events were dropped.
+    pub missed: u64,
+}
+
+/// What the handlers share: the command channel, the readiness flag, the
+/// metrics to render and the server's stop signal (ends event streams).
 #[derive(Clone)]
 struct ApiState {
     commands: mpsc::Sender<Command>,
     ready: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    stop: Option<watch::Receiver<bool>>,
 }
 
 impl ApiState {
@@ -181,12 +220,26 @@ impl ApiState {
     }
 }
 
-/// The API's router over a command channel. Serve it with [`super::Server`] or
-/// any axum server.
-pub fn router(commands: mpsc::Sender<Command>) -> Router {
+/// The API's router over a command channel, serving `metrics` at `/metrics`.
+/// Serve it with [`super::Server`] or any axum server. (Event streams served by
+/// this router end only when the backend drops their sender; [`super::Server`]
+/// also ends them on shutdown.)
+pub fn router(commands: mpsc::Sender<Command>, metrics: Arc<Metrics>) -> Router {
+    router_until(commands, metrics, None)
+}
+
+/// [`router`] whose event streams end once `stop` is true (or its sender is
+/// gone).
+pub(crate) fn router_until(
+    commands: mpsc::Sender<Command>,
+    metrics: Arc<Metrics>,
+    stop: Option<watch::Receiver<bool>>,
+) -> Router {
     let state = ApiState {
         commands,
         ready: Arc::new(AtomicBool::new(false)),
+        metrics,
+        stop,
     };
     Router::new()
         .route("/v1/volumes", get(list_volumes))
@@ -194,10 +247,11 @@ pub fn router(commands: mpsc::Sender<Command>) -> Router {
         .route("/v1/volumes/{volume}/acquire", post(acquire))
         .route("/v1/volumes/{volume}/release", post(release))
         .route("/v1/volumes/{volume}/handover", post(handover))
+        .route("/v1/volumes/{volume}/events", get(events))
         .route("/v1/sessions/{session}/keepalive", post(keepalive))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(render_metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -315,15 +369,104 @@ async fn readyz(State(api): State<ApiState>) -> Response {
     .into_response()
 }
 
-async fn metrics() -> Response {
+async fn render_metrics(State(api): State<ApiState>) -> Response {
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        "# blockfence: no metrics yet\n",
+        [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
+        api.metrics.render(),
     )
         .into_response()
+}
+
+/// Subscribe first (so an unknown volume is a JSON 404 before any stream
+/// starts), then stream.
+async fn events(
+    State(api): State<ApiState>,
+    ApiPath(volume): ApiPath,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let name = volume.clone();
+    let receiver = api
+        .ask(BACKEND_REPLY_MARGIN, |reply| Command::Subscribe {
+            volume: name,
+            reply,
+        })
+        .await?;
+    let stream = event_stream(volume, receiver, api.stop.clone());
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(SSE_KEEPALIVE_INTERVAL)))
+}
+
+/// The SSE `event:` name of an event: its `event` tag in JSON.
+pub fn event_name(kind: &VolumeEventKind) -> &'static str {
+    match kind {
+        VolumeEventKind::Granted { .. } => "granted",
+        VolumeEventKind::RenewalLate { .. } => "renewal_late",
+        VolumeEventKind::HandoverRequested { .. } => "handover_requested",
+        VolumeEventKind::Fencing { .. } => "fencing",
+        VolumeEventKind::Fenced { .. } => "fenced",
+        VolumeEventKind::Released { .. } => "released",
+    }
+}
+
+const EXPECT_JSON: &str = "events are plain structs of strings, integers and booleans";
+
+fn sse_event(event: &VolumeEvent) -> Event {
+    Event::default()
+        .event(event_name(&event.kind))
+        .data(serde_json::to_string(event).expect(EXPECT_JSON))
+}
+
+fn lagged_event(volume: &str, missed: u64) -> Event {
+    let data = Lagged {
+        volume: volume.to_string(),
+        event: LAGGED_EVENT.to_string(),
+        missed,
+    };
+    Event::default()
+        .event(LAGGED_EVENT)
+        .data(serde_json::to_string(&data).expect(EXPECT_JSON))
+}
+
+struct Subscription {
+    volume: String,
+    receiver: broadcast::Receiver<VolumeEvent>,
+    stop: Option<watch::Receiver<bool>>,
+}
+
+/// Every event the receiver gets, as SSE, until its sender is dropped or
+/// `stop` turns true.
+fn event_stream(
+    volume: String,
+    receiver: broadcast::Receiver<VolumeEvent>,
+    stop: Option<watch::Receiver<bool>>,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let start = Subscription {
+        volume,
+        receiver,
+        stop,
+    };
+    futures_util::stream::unfold(start, |mut s| async move {
+        let next = tokio::select! {
+            biased;
+            () = stopped(&mut s.stop) => return None,
+            next = s.receiver.recv() => next,
+        };
+        let event = match next {
+            Ok(event) => sse_event(&event),
+            Err(RecvError::Lagged(missed)) => lagged_event(&s.volume, missed),
+            Err(RecvError::Closed) => return None,
+        };
+        Some((Ok(event), s))
+    })
+}
+
+/// Resolves once the server stops (or its stop sender is gone); never without
+/// a stop signal.
+async fn stopped(stop: &mut Option<watch::Receiver<bool>>) {
+    match stop {
+        Some(stop) => {
+            let _ = stop.wait_for(|stopped| *stopped).await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
@@ -335,4 +478,47 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
         ErrorCode::MethodNotAllowed,
         format!("{method} is not allowed on {}", uri.path()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_event_names_are_the_json_event_tags() {
+        let kinds = [
+            VolumeEventKind::Granted {
+                session: "s".into(),
+                holder: "h".into(),
+                generation: 1,
+            },
+            VolumeEventKind::RenewalLate {
+                generation: 1,
+                valid_for_ms: 5,
+            },
+            VolumeEventKind::HandoverRequested {
+                session: "s".into(),
+                to_node: "n".into(),
+            },
+            VolumeEventKind::Fencing {
+                generation: 1,
+                reason: "lease_lost".into(),
+            },
+            VolumeEventKind::Fenced {
+                generation: 1,
+                ok: true,
+                duration_ms: 3,
+            },
+            VolumeEventKind::Released { generation: 1 },
+        ];
+        for kind in kinds {
+            let json = serde_json::to_value(VolumeEvent {
+                volume: "v".into(),
+                kind: kind.clone(),
+            })
+            .unwrap();
+            assert_eq!(json["event"], event_name(&kind), "{json}");
+            assert_eq!(json["volume"], "v");
+        }
+    }
 }

@@ -14,11 +14,13 @@
 //! - On shutdown the socket file is removed if it is still the one we bound.
 
 use super::Command;
+use crate::metrics::Metrics;
 use std::future::IntoFuture;
 use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -87,10 +89,13 @@ pub struct Server {
 }
 
 impl Server {
-    /// Bind the listeners and start serving [`super::router`] over `commands`.
+    /// Bind the listeners and start serving [`super::router`] over `commands`,
+    /// with `metrics` at `/metrics`. Open event streams end on
+    /// [`Server::shutdown`].
     pub async fn start(
         config: &ServeConfig,
         commands: mpsc::Sender<Command>,
+        metrics: Arc<Metrics>,
     ) -> Result<Server, ServeError> {
         // Check TCP first: a refused address must not leave a socket behind.
         if let Some(addr) = config.tcp {
@@ -109,8 +114,8 @@ impl Server {
         };
         let (unix_listener, socket_ino) = bind_unix(&config.socket).await?;
 
-        let app = super::router(commands);
         let (stop, _) = watch::channel(false);
+        let app = super::router::router_until(commands, metrics, Some(stop.subscribe()));
         let mut tasks = Vec::new();
         let mut stopped = stop.subscribe();
         let unix = axum::serve(unix_listener, app.clone())

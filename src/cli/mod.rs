@@ -10,6 +10,7 @@ mod format;
 mod grow;
 mod inspect;
 mod lease;
+mod run;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -68,6 +69,8 @@ pub enum Command {
     /// SIGTERM/SIGINT: holders are asked to stop, their volumes fenced or
     /// released, then the daemon exits.
     Daemon(crate::daemon::DaemonArgs),
+    /// Acquire a volume from the daemon, mount it, run COMMAND; fence if the grant is lost.
+    Run(run::Args),
 }
 
 /// Runs the command line; the binary's whole `main`.
@@ -90,6 +93,7 @@ pub fn main() -> ExitCode {
         Command::Lease(c) => lease::run(c),
         Command::Grow(a) => grow::run(a),
         Command::Daemon(a) => daemon::run(a),
+        Command::Run(a) => run::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

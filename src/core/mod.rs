@@ -6,6 +6,7 @@
 //! deterministically.
 
 pub mod fence;
+pub mod holder;
 pub mod lease;
 pub mod params;
 pub mod record;

@@ -33,6 +33,7 @@ use crate::core::session::SessionConfig;
 use crate::core::watchdog::{self, Guard};
 use crate::disk::runner::{open_lease, RunnerError};
 use crate::fence::{FenceOps, FileWatchdog, SystemOps, Watchdog};
+use crate::metrics::Metrics;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
@@ -52,23 +53,23 @@ pub const API_QUEUE: usize = 1024;
 pub enum DaemonError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
-    #[error("volume {volume:?} ({}): {source}", device.display())]
+    #[error("volume {volume:?} ({}): {error}", device.display())]
     Volume {
         volume: String,
         device: PathBuf,
-        source: RunnerError,
+        error: RunnerError,
     },
     #[error("--watchdog-timeout-ms: {0}")]
     Watchdog(#[from] watchdog::TimeoutTooLong),
-    #[error("watchdog {}: {source}", path.display())]
+    #[error("watchdog {}: {error}", path.display())]
     WatchdogOpen {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("API socket directory {}: {source}", path.display())]
+    #[error("API socket directory {}: {error}", path.display())]
     SocketDir {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(transparent)]
     Serve(#[from] crate::api::ServeError),
@@ -87,6 +88,7 @@ pub struct Daemon {
     )>,
     dispatcher: tokio::task::JoinHandle<()>,
     drain_limit: Duration,
+    starved: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Daemon {
@@ -101,6 +103,7 @@ impl Daemon {
         ops: Arc<O>,
     ) -> Result<Daemon, DaemonError> {
         let epoch = Instant::now();
+        let metrics = Arc::new(Metrics::new());
         let guards = Arc::new(Mutex::new(vec![Guard::NotWriting; cfg.volumes.len()]));
         let mut handles = Vec::new();
         let mut tasks = Vec::new();
@@ -113,10 +116,10 @@ impl Daemon {
             })
             .await
             .map_err(|e| DaemonError::Internal(e.to_string()))?
-            .map_err(|source| DaemonError::Volume {
+            .map_err(|error| DaemonError::Volume {
                 volume: spec.name.clone(),
                 device: spec.device.clone(),
-                source,
+                error,
             })?;
             let p = opened.identity.params;
             min_fence_ms = min_fence_ms.min(p.fence_timeout_ms as u64);
@@ -125,7 +128,7 @@ impl Daemon {
             let rdev = mounts::device_number(&spec.device).map_err(|e| DaemonError::Volume {
                 volume: spec.name.clone(),
                 device: spec.device.clone(),
-                source: RunnerError::Failed(e.to_string()),
+                error: RunnerError::Failed(e.to_string()),
             })?;
             let sessions = SessionConfig {
                 session_timeout_ms: millis(cfg.session_timeout),
@@ -150,27 +153,36 @@ impl Daemon {
                 guards: Arc::clone(&guards),
                 fence_ops: Arc::clone(&ops),
                 mmp_clean: rdev.is_some(),
+                metrics: Arc::clone(&metrics),
             })
             .map_err(|e| DaemonError::Volume {
                 volume: spec.name.clone(),
                 device: spec.device.clone(),
-                source: RunnerError::Disk(e),
+                error: RunnerError::Disk(e),
             })?;
             tasks.push(tokio::spawn(task.run()));
             handles.push(handle);
         }
         let watchdog_timeout = cfg.watchdog_timeout.map(millis).unwrap_or(min_fence_ms);
         watchdog::check_timeout(watchdog_timeout, min_fence_ms)?;
+        let starved = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let feeder = match &cfg.watchdog {
             Some(path) => {
-                let dog = FileWatchdog::open(path).map_err(|source| DaemonError::WatchdogOpen {
+                let dog = FileWatchdog::open(path).map_err(|error| DaemonError::WatchdogOpen {
                     path: path.clone(),
-                    source,
+                    error,
                 })?;
                 let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
                 let g = Arc::clone(&guards);
                 Some((
-                    tokio::spawn(feed_watchdog(dog, g, epoch, watchdog_timeout, stop_rx)),
+                    tokio::spawn(feed_watchdog(
+                        dog,
+                        g,
+                        epoch,
+                        watchdog_timeout,
+                        stop_rx,
+                        Arc::clone(&starved),
+                    )),
                     stop_tx,
                 ))
             }
@@ -183,9 +195,9 @@ impl Daemon {
         };
         if let Some(dir) = cfg.socket.parent() {
             if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir).map_err(|source| DaemonError::SocketDir {
+                std::fs::create_dir_all(dir).map_err(|error| DaemonError::SocketDir {
                     path: dir.to_path_buf(),
-                    source,
+                    error,
                 })?;
             }
         }
@@ -197,6 +209,7 @@ impl Daemon {
                 tcp: cfg.listen,
             },
             api_tx,
+            metrics,
         )
         .await?;
         tracing::info!(node = %cfg.node_name, volumes = handles.len(), socket = %cfg.socket.display(), "daemon started");
@@ -209,7 +222,25 @@ impl Daemon {
             drain_limit: cfg.stop_timeout
                 + Duration::from_millis(max_window_ms)
                 + Duration::from_secs(5),
+            starved,
         })
+    }
+
+    /// A receiver of `volume`'s events from now on (what the SSE stream
+    /// sends), or `None` for an unknown volume.
+    pub fn subscribe(
+        &self,
+        volume: &str,
+    ) -> Option<tokio::sync::broadcast::Receiver<crate::api::VolumeEvent>> {
+        self.handles
+            .iter()
+            .find(|h| h.name == volume)
+            .map(|h| h.events.subscribe())
+    }
+
+    /// Whether the watchdog has been starved for good (a fence failed).
+    pub fn watchdog_starved(&self) -> bool {
+        self.starved.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The API server (its socket and TCP address).
@@ -399,6 +430,7 @@ async fn feed_watchdog(
     epoch: Instant,
     timeout_ms: u64,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    starved: Arc<std::sync::atomic::AtomicBool>,
 ) -> Option<FileWatchdog> {
     let mut tick = tokio::time::interval(FEED_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -418,6 +450,7 @@ async fn feed_watchdog(
         if failed && !dog.is_starved() {
             tracing::error!("a fence failed: starving the watchdog, the node will be reset");
             dog.starve();
+            starved.store(true, std::sync::atomic::Ordering::SeqCst);
         }
         if feed {
             if let Err(e) = dog.feed() {

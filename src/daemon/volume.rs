@@ -30,6 +30,7 @@ use crate::disk::error::DiskError;
 use crate::disk::store::BlockStore;
 use crate::disk::worker::{IoWorker, Reply as IoReply, Request};
 use crate::fence::FenceOps;
+use crate::metrics::{LeaseState, Metrics};
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -106,6 +107,7 @@ pub struct VolumeSetup<O> {
     pub fence_ops: Arc<O>,
     /// Mark ext4 MMP clean after acquiring (off for raw test images).
     pub mmp_clean: bool,
+    pub metrics: Arc<Metrics>,
 }
 
 /// A reply waiting for the session machine's answer.
@@ -135,6 +137,7 @@ pub struct VolumeTask<O> {
     session_wake: Option<Millis>,
     fence: Option<oneshot::Receiver<bool>>,
     fence_started: Option<Instant>,
+    fence_cause: &'static str,
     waiting: HashMap<u64, Waiting>,
     next_req: u64,
     epoch: Instant,
@@ -148,6 +151,13 @@ pub struct VolumeTask<O> {
     events: broadcast::Sender<VolumeEvent>,
     commands: mpsc::Receiver<VolumeCmd>,
     queue: VecDeque<Work>,
+    metrics: Arc<Metrics>,
+    /// When the last lease write was submitted (a renewal's start).
+    write_started: Option<Instant>,
+    /// When this node started seeking the lease (for the takeover time).
+    seek_started: Option<Instant>,
+    /// When a handover was asked (for the handover time).
+    handover_started: Option<Instant>,
 }
 
 impl<O: FenceOps + 'static> VolumeTask<O> {
@@ -187,6 +197,7 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
             session_wake: None,
             fence: None,
             fence_started: None,
+            fence_cause: "",
             waiting: HashMap::new(),
             next_req: 0,
             epoch: setup.epoch,
@@ -200,6 +211,10 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
             events,
             commands: rx,
             queue: VecDeque::new(),
+            metrics: setup.metrics,
+            write_started: None,
+            seek_started: None,
+            handover_started: None,
         };
         Ok((task, handle))
     }
@@ -214,13 +229,20 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
         self.epoch + Duration::from_millis(ms)
     }
 
-    /// Runs until the command channel closes and nothing is held any more.
+    /// Runs until told to stop (or the command channel closes) and nothing
+    /// is held any more. While stopping it still serves keepalives and
+    /// releases, so a holder asked to stop can finish cleanly.
     pub async fn run(mut self) {
+        let mut stopping = false;
         let mut closed = false;
         loop {
             self.drain().await;
             self.publish();
-            if closed && !self.sessions.may_be_writing() && self.sessions.lease().is_none() {
+            if stopping
+                && !self.sessions.may_be_writing()
+                && self.sessions.lease().is_none()
+                && matches!(self.sessions.phase(), Phase::Idle | Phase::Broken)
+            {
                 return;
             }
             let wake = [self.lease_wake, self.session_wake]
@@ -233,9 +255,12 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
             tokio::select! {
                 cmd = self.commands.recv(), if !closed => match cmd {
                     Some(VolumeCmd::Api(c)) => self.on_api(c),
-                    Some(VolumeCmd::Shutdown) => self.queue.push_back(Work::Session(session::Input::Shutdown)),
+                    Some(VolumeCmd::Shutdown) => {
+                        stopping = true;
+                        self.queue.push_back(Work::Session(session::Input::Shutdown));
+                    }
                     None => {
-                        closed = true;
+                        (closed, stopping) = (true, true);
                         self.queue.push_back(Work::Session(session::Input::Shutdown));
                     }
                 },
@@ -344,7 +369,12 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
         // A successful renewal moves valid_until without an event.
         if let Some((_, until)) = self.lease.holding() {
             if self.last_valid_until.is_some_and(|last| until > last) {
-                self.last_renewal = Some(Instant::now());
+                let t = Instant::now();
+                self.last_renewal = Some(t);
+                self.metrics.renewed_now(&self.name, t.into_std());
+                if let Some(started) = self.write_started {
+                    self.metrics.renewal(&self.name, t.saturating_duration_since(started));
+                }
                 self.queue
                     .push_back(Work::Session(session::Input::Lease(LeaseNews::Renewed {
                         valid_until: until,
@@ -365,7 +395,13 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
                 generation,
                 valid_until,
             } => {
-                self.last_renewal = Some(Instant::now());
+                let t = Instant::now();
+                self.last_renewal = Some(t);
+                self.metrics.renewed_now(&self.name, t.into_std());
+                self.metrics.set_generation(&self.name, generation);
+                if let Some(started) = self.seek_started.take() {
+                    self.metrics.takeover(&self.name, t.saturating_duration_since(started));
+                }
                 if self.mmp_clean {
                     self.clean_mmp(now, valid_until).await;
                 }
@@ -374,7 +410,10 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
                     valid_until,
                 }
             }
-            Event::RenewFailed { valid_until, .. } => LeaseNews::RenewLate { valid_until },
+            Event::RenewFailed { valid_until, .. } => {
+                self.metrics.renewal_failed(&self.name);
+                LeaseNews::RenewLate { valid_until }
+            }
             Event::Lost { generation, reason } => LeaseNews::Lost {
                 generation,
                 reason: format!("{reason:?}"),
@@ -544,10 +583,12 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
                 valid_for_ms,
             },
             Published::HandoverRequested { session, to_node } => {
+                self.handover_started = Some(Instant::now());
                 VolumeEventKind::HandoverRequested { session, to_node }
             }
             Published::Fencing { generation, cause } => {
                 self.fenced = false;
+                self.fence_cause = cause.as_str();
                 VolumeEventKind::Fencing {
                     generation,
                     reason: cause.as_str().to_string(),
@@ -555,10 +596,9 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
             }
             Published::Fenced { generation, ok } => {
                 self.fenced = true;
-                let duration_ms = self
-                    .fence_started
-                    .take()
-                    .map_or(0, |t| t.elapsed().as_millis() as u64);
+                let took = self.fence_started.take().map_or(Duration::ZERO, |t| t.elapsed());
+                self.metrics.fence(&self.name, self.fence_cause, ok, took);
+                let duration_ms = took.as_millis() as u64;
                 VolumeEventKind::Fenced {
                     generation,
                     ok,
@@ -567,6 +607,9 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
             }
             Published::Released { generation } => {
                 self.fenced = false;
+                if let Some(t) = self.handover_started.take() {
+                    self.metrics.handover(&self.name, t.elapsed());
+                }
                 VolumeEventKind::Released { generation }
             }
         };
@@ -607,9 +650,11 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
         self.snapshot_now().status(&self.name, Instant::now())
     }
 
-    /// Publishes the snapshot and the watchdog guard.
+    /// Publishes the snapshot, the metrics' gauges and the watchdog guard.
     fn publish(&mut self) {
         let snap = self.snapshot_now();
+        self.metrics.set_state(&self.name, lease_state(snap.phase, self.fenced));
+        self.metrics.set_sessions(&self.name, self.sessions.sessions());
         self.snapshot.send_replace(snap);
         let guard = if self.sessions.phase() == Phase::FenceFailed {
             Guard::FenceFailed
@@ -645,6 +690,20 @@ fn io_input(
         Ok(Ok(IoReply::Written)) => lease::Input::WriteDone(Ok(())),
         Ok(Err(e)) => failed(format!("lease I/O failed: {e}")),
         Err(_) => failed("the lease I/O worker thread died".into()),
+    }
+}
+
+/// The metrics' lease state of a volume in `phase`.
+/// (`Free` covers "not this node's": another node may hold it; a fence that
+/// failed stays `Fencing`, since it never completes.)
+fn lease_state(phase: Phase, fenced: bool) -> LeaseState {
+    match phase {
+        Phase::Idle | Phase::Broken if fenced => LeaseState::Fenced,
+        Phase::Idle | Phase::Broken => LeaseState::Free,
+        Phase::Seeking => LeaseState::Waiting,
+        Phase::Serving => LeaseState::Held,
+        Phase::Fencing | Phase::FenceFailed => LeaseState::Fencing,
+        Phase::Releasing => LeaseState::Releasing,
     }
 }
 

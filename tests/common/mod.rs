@@ -28,6 +28,8 @@
 //! Not every test uses every helper.
 #![allow(dead_code)]
 
+pub mod api_server;
+
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
