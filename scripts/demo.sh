@@ -79,7 +79,7 @@ sleep "$before"
 echo "hard kill of $old: storage path cut to EIO, then every process of its cgroup killed"
 demo_inject node-crash "$old" || demo_die "fault injection failed"
 t0=$(demo_fault_time)
-demo_wait_insert_after "$t0" 60 || echo "no insert was acknowledged within 60 s of the fault"
+demo_wait_insert_after "$t0" 60 "$old" || echo "no insert was acknowledged within 60 s of the fault"
 sleep "$after"
 demo_client_stop
 new=$(demo_other "$old")

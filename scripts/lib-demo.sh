@@ -10,7 +10,7 @@
 # every process), its own mount namespace (unshare -m --propagation private)
 # holding its daemon (`blockfence daemon`, restarted if it dies) and a
 # supervisor loop (what Kubernetes does for a pod: restart it) running
-#   blockfence run --volume pg --mount $BF_MNT -- runuser -u postgres -- postgres ...
+#   blockfence run --volume pg --mount $BF_MNT -- setpriv --reuid=postgres ... postgres ...
 # on its own 127.0.0.1 port. Its watchdog emulator (blockfence-watchdog-emu)
 # runs OUTSIDE the node's cgroup and namespace, since it plays the hardware:
 # when the daemon stops feeding it, it "resets" the node (demo_node_crash).
@@ -203,7 +203,7 @@ demo__spawn_ready() {
     fi
     echo "$line" >>"$log"
     # The rest of its output, until it exits (the drain ends with it).
-    cat <&"$fd" >>"$log" 2>/dev/null </dev/null &
+    cat <&"$fd" >>"$log" 2>/dev/null &
     exec {fd}<&-
 }
 
@@ -306,7 +306,10 @@ demo__pod_loop() {
     read -r _ <"$dir/go"
     while :; do
         demo_event pod_start "$node" ""
-        demo__session "$node" "$dir" "$dev" -- runuser -u postgres -- "$BF_PG_BIN/postgres" \
+        # setpriv, not runuser: runuser stays as a parent that ignores SIGINT
+        # (the fast-shutdown stop signal) and SIGKILLs 2 s after a SIGTERM;
+        # setpriv execs, so `blockfence run` signals the postmaster itself.
+        demo__session "$node" "$dir" "$dev" -- setpriv --reuid=postgres --regid=postgres --init-groups -- "$BF_PG_BIN/postgres" \
             -D "$BF_MNT/data" -p "$port" -k "$dir/sock" -c listen_addresses=127.0.0.1 \
             -c shared_buffers=16MB -c max_connections=20 -c max_wal_size=64MB \
             >>"$dir/pod.log" 2>&1
@@ -370,8 +373,13 @@ demo_node_crash() {
 }
 
 demo__wait_cgroup_empty() {
-    local cg=$1 left=$(($2 * 20)) pid
-    while read -r pid <"$cg/cgroup.procs" 2>/dev/null && [[ -n $pid ]]; do
+    local cg=$1 left=$(($2 * 20)) key val populated=1
+    while :; do
+        populated=0
+        while read -r key val; do
+            [[ $key == populated ]] && populated=$val
+        done <"$cg/cgroup.events" 2>/dev/null
+        ((populated)) || return 0
         ((left-- > 0)) || { demo_err "$cg still has processes"; return 1; }
         sleep 0.05
     done
@@ -572,6 +580,7 @@ demo_active_node() {
 # node-b waiting. Returns non-zero (with a message) on any failure.
 demo_start() {
     local dir=$1 template=${2:-}
+    demo_check_ports
     demo_setup "$dir" "$template" || return 1
     if [[ -z $template ]]; then
         demo_node_boot node-a initdb || return 1
@@ -613,39 +622,45 @@ demo_inject() {
 # demo_fault_time: the fault's time (uptime seconds).
 demo_fault_time() { awk '$2 == "fault" { print $1; exit }' "$BF_DEMO_DIR/events.log"; }
 
-# demo_wait_insert_after T SECONDS: until an insert first tried after T is
-# acknowledged (one in flight at T proves nothing about a takeover).
+# demo_wait_insert_after T SECONDS [OLD]: until an insert first tried after T
+# is acknowledged (one in flight at T proves nothing about a takeover); with
+# OLD, one that demo_timeline OLD counts as its first_insert.
 demo_wait_insert_after() {
     demo_wait_log "$BF_DEMO_DIR/acked.log" "." "$2" >/dev/null # at least one line
     local left=$(($2 * 10))
-    until awk -v t="$1" '$4 > t { f = 1 } END { exit !f }' "$BF_DEMO_DIR/acked.log"; do
+    until awk -v t="$1" '$4 > t { f = 1 } END { exit !f }' "$BF_DEMO_DIR/acked.log" &&
+        { [[ -z ${3:-} ]] || ! demo_timeline "$3" | grep -q '^first_insert -$'; }; do
         ((left-- > 0)) || return 1
         sleep 0.1
     done
 }
 
 # demo_timeline OLD: "key value" lines (seconds from the fault, or "-"):
-# fence release takeover mount first_insert first_insert_node
-# (first_insert: the first acknowledged insert first tried after the fault)
+# fence release takeover mount first_insert first_insert_node.
+# first_insert: the first acknowledged insert first tried after the fault on
+# the peer, or on OLD once its pod has exited and come back (a database
+# crash); an insert OLD still served before it stopped does not count.
 demo_timeline() {
     local old=$1 new t0
-    new=$(demo_other "$old")
+    new=${BF_OTHER[$old]}
     t0=$(demo_fault_time)
     awk -v t0="$t0" -v old="$old" -v new="$new" '
+        FILENAME ~ /events.log$/ && $1 >= t0 && $2 == "pod_exit" && $3 == old && back == "" { back = $1 }
         FILENAME ~ /samples.log$/ && $1 >= t0 {
             if ($2 == "node" && $3 == old && $NF == "could_write=0" && fence == "") fence = $1 - t0
             if ($2 == "lease" && $3 != ("holder=" old) && release == "") release = $1 - t0
             if ($2 == "lease" && $3 == ("holder=" new) && takeover == "") takeover = $1 - t0
             if ($2 == "node" && $3 == new && $4 == "mounted=1" && mount == "") mount = $1 - t0
         }
-        FILENAME ~ /acked.log$/ && $4 > t0 && first == "" { first = $2 - t0; firstnode = $3 }
+        FILENAME ~ /acked.log$/ && $4 > t0 && first == "" &&
+            ($3 == new || (back != "" && $4 > back)) { first = $2 - t0; firstnode = $3 }
         END {
             f = "%.2f"
             printf "fence %s\nrelease %s\ntakeover %s\nmount %s\nfirst_insert %s\nfirst_insert_node %s\n",
                 fence == "" ? "-" : sprintf(f, fence), release == "" ? "-" : sprintf(f, release),
                 takeover == "" ? "-" : sprintf(f, takeover), mount == "" ? "-" : sprintf(f, mount),
                 first == "" ? "-" : sprintf(f, first), firstnode == "" ? "-" : firstnode
-        }' "$BF_DEMO_DIR/samples.log" "$BF_DEMO_DIR/acked.log"
+        }' "$BF_DEMO_DIR/events.log" "$BF_DEMO_DIR/samples.log" "$BF_DEMO_DIR/acked.log"
 }
 
 # demo_verify [NODE]: every acknowledged n is in table t on NODE (default:
