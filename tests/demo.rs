@@ -164,10 +164,13 @@ fn demo_quick() {
     let lost = find("RESULT lost=").expect("the demo printed RESULT lost=");
     let double = find("RESULT double_writer_samples=")
         .expect("the demo printed RESULT double_writer_samples=");
-    let after = find("RESULT acked_after_fault=")
-        .expect("the demo printed RESULT acked_after_fault=");
+    let after =
+        find("RESULT acked_after_fault=").expect("the demo printed RESULT acked_after_fault=");
     assert!(acked > 0, "no insert was acknowledged at all");
-    assert!(after > 0, "no insert was acknowledged after the fault: no takeover");
+    assert!(
+        after > 0,
+        "no insert was acknowledged after the fault: no takeover"
+    );
     assert_eq!(lost, 0, "acknowledged rows lost");
     assert_eq!(double, 0, "moments when two nodes could write");
     assert!(status.success(), "demo.sh failed: {status}");
