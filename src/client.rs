@@ -417,6 +417,7 @@ mod tests {
                 tcp: None,
             },
             FakeBackend::new(["v", "w"]).spawn(),
+            std::sync::Arc::new(crate::metrics::Metrics::new()),
         )
         .await
         .expect("server starts");

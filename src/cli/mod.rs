@@ -6,6 +6,7 @@
 //! exit code; nothing here panics on bad input.
 
 mod daemon;
+mod doctor;
 mod format;
 mod grow;
 mod inspect;
@@ -71,6 +72,8 @@ pub enum Command {
     Daemon(crate::daemon::DaemonArgs),
     /// Acquire a volume from the daemon, mount it, run COMMAND; fence if the grant is lost.
     Run(run::Args),
+    /// Check each volume's NVMe paths, stale-I/O timeouts and reservation support, with fixes.
+    Doctor(doctor::Args),
 }
 
 /// Runs the command line; the binary's whole `main`.
@@ -94,6 +97,7 @@ pub fn main() -> ExitCode {
         Command::Grow(a) => grow::run(a),
         Command::Daemon(a) => daemon::run(a),
         Command::Run(a) => run::run(a),
+        Command::Doctor(a) => doctor::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -10,5 +10,6 @@ pub mod holder;
 pub mod lease;
 pub mod params;
 pub mod record;
+pub mod reservation;
 pub mod session;
 pub mod watchdog;

@@ -373,7 +373,8 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
                 self.last_renewal = Some(t);
                 self.metrics.renewed_now(&self.name, t.into_std());
                 if let Some(started) = self.write_started {
-                    self.metrics.renewal(&self.name, t.saturating_duration_since(started));
+                    self.metrics
+                        .renewal(&self.name, t.saturating_duration_since(started));
                 }
                 self.queue
                     .push_back(Work::Session(session::Input::Lease(LeaseNews::Renewed {
@@ -400,7 +401,8 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
                 self.metrics.renewed_now(&self.name, t.into_std());
                 self.metrics.set_generation(&self.name, generation);
                 if let Some(started) = self.seek_started.take() {
-                    self.metrics.takeover(&self.name, t.saturating_duration_since(started));
+                    self.metrics
+                        .takeover(&self.name, t.saturating_duration_since(started));
                 }
                 if self.mmp_clean {
                     self.clean_mmp(now, valid_until).await;
@@ -596,7 +598,10 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
             }
             Published::Fenced { generation, ok } => {
                 self.fenced = true;
-                let took = self.fence_started.take().map_or(Duration::ZERO, |t| t.elapsed());
+                let took = self
+                    .fence_started
+                    .take()
+                    .map_or(Duration::ZERO, |t| t.elapsed());
                 self.metrics.fence(&self.name, self.fence_cause, ok, took);
                 let duration_ms = took.as_millis() as u64;
                 VolumeEventKind::Fenced {
@@ -653,8 +658,10 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
     /// Publishes the snapshot, the metrics' gauges and the watchdog guard.
     fn publish(&mut self) {
         let snap = self.snapshot_now();
-        self.metrics.set_state(&self.name, lease_state(snap.phase, self.fenced));
-        self.metrics.set_sessions(&self.name, self.sessions.sessions());
+        self.metrics
+            .set_state(&self.name, lease_state(snap.phase, self.fenced));
+        self.metrics
+            .set_sessions(&self.name, self.sessions.sessions());
         self.snapshot.send_replace(snap);
         let guard = if self.sessions.phase() == Phase::FenceFailed {
             Guard::FenceFailed

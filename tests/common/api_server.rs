@@ -85,6 +85,7 @@ impl TestApi {
                     tcp: None,
                 },
                 proxy_tx,
+                Arc::new(blockfence::metrics::Metrics::new()),
             )
             .await
             .expect("API server starts")
