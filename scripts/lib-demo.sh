@@ -64,9 +64,6 @@ demo_die() {
     exit 1
 }
 
-# demo_now: sets BF_NOW to the monotonic time in seconds (no fork).
-demo_now() { read -r BF_NOW _ </proc/uptime; }
-
 # demo_event KIND NODE DETAIL...: one line in events.log.
 demo_event() {
     local now
@@ -436,7 +433,7 @@ demo__sampler() {
     echo $! >"$BF_DEMO_DIR/inspect.pid"
     while IFS= read -r -u "$fd" line; do
         read -r now _ </proc/uptime
-        holder=unreadable state=unreadable gen=?
+        holder=unreadable state=unreadable gen=unknown
         # The owner record, not "lease": a dead holder's slot still says Hold.
         if [[ $line =~ \"owner\":\{\"generation\":([0-9]+),\"holder\":(null|\"([^\"]*)\"),\"params\":\{[^\}]*\},\"slot\":[^,]*,\"state\":\"([a-z_]+)\" ]]; then
             gen=${BASH_REMATCH[1]}
