@@ -557,10 +557,17 @@ demo_wait_ready() {
     done
 }
 
-# demo_wait_log FILE REGEX SECONDS: until a line of FILE matches (tail -F
-# follows it, no polling loop); prints the line.
+# demo_wait_log FILE REGEX SECONDS: until a line of FILE matches; prints it.
+# A plain loop rather than `timeout tail -F | grep`: bash does not act on a
+# Ctrl-C whose foreground child (timeout) exits normally, so the trap would
+# not run.
 demo_wait_log() {
-    timeout "$3" tail -n +1 -F "$1" 2>/dev/null | grep -m1 -E "$2"
+    local left=$(($3 * 10)) line
+    until line=$(grep -m1 -E -- "$2" "$1" 2>/dev/null); do
+        ((left-- > 0)) || return 1
+        sleep 0.1
+    done
+    echo "$line"
 }
 
 # demo_active_node: the node with the volume mounted (per its mount table).
