@@ -11,6 +11,12 @@
 //!   - [`core::lease`]: the lease protocol, `step(now, input) -> actions`.
 //!   - [`core::fence`]: the fence (shutdown, kill holders, unmount, else starve
 //!     the watchdog), `step(now, input) -> actions`.
+//!   - [`core::session`]: which local holder gets a volume, grant validity,
+//!     when this node must fence (the daemon's per-volume decisions).
+//!   - [`core::holder`]: the holder's side (`blockfence run`): its deadline,
+//!     when to keep alive, stop, or fence itself.
+//!   - [`core::watchdog`]: when the watchdog may be fed.
+//!   - [`core::reservation`]: NVMe reservation takeover decisions.
 //! - [`disk`]: O_DIRECT block I/O with deadlines, sector sizes, the lease area
 //!   on a device (locate, format, grow), and the driver that runs the lease
 //!   machine against a device.
@@ -21,6 +27,14 @@
 //! - [`api`]: the node-local HTTP API (Unix socket, optional loopback TCP):
 //!   handlers turn requests into commands sent over a channel to the backend
 //!   that owns the lease state; [`api::fake`] is an in-memory backend.
+//! - [`daemon`]: `blockfence daemon`: one task per volume around its lease
+//!   and session machines, the API's real backend, fences, the watchdog
+//!   feeder, configuration.
+//! - [`client`]: a typed client of the API (used by `blockfence run`).
+//! - [`metrics`]: the Prometheus metrics.
+//! - [`device`]: NVMe/block device discovery (sysfs, udev/uevents), path
+//!   health, the stale-I/O guard.
+//! - [`nvme`]: NVMe reservation commands (passthrough ioctl) and their driver.
 //! - [`sim`]: the deterministic simulation of the lease protocol.
 //! - [`cli`]: the `blockfence` subcommands.
 //!

@@ -112,6 +112,22 @@ fn config(node: &str, socket: &Path, device: &Path) -> DaemonConfig {
 
 /// One HTTP/1.1 request over a Unix socket: (status, JSON body).
 fn http(socket: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let (status, text) = http_text(socket, method, path, body);
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// The sum of every sample of metric `name` (any labels) in `/metrics`.
+fn metric(socket: &Path, name: &str) -> f64 {
+    let (status, text) = http_text(socket, "GET", "/metrics", None);
+    assert_eq!(status, 200);
+    text.lines()
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// One HTTP/1.1 request over a Unix socket: (status, body text).
+fn http_text(socket: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, String) {
     let mut s = UnixStream::connect(socket).expect("connect to the daemon");
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     write!(
@@ -128,11 +144,11 @@ fn http(socket: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, V
         .nth(1)
         .and_then(|c| c.parse().ok())
         .expect("status line");
-    let json = text
+    let body = text
         .split_once("\r\n\r\n")
-        .and_then(|(_, b)| serde_json::from_str(b).ok())
-        .unwrap_or(Value::Null);
-    (status, json)
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }
 
 fn acquire(socket: &Path, holder: &str, timeout_s: f64) -> (u16, Value) {
@@ -258,6 +274,22 @@ async fn a_released_volume_goes_to_the_waiting_node_with_a_higher_generation() {
         !waiter.is_finished(),
         "B was granted while A held the volume"
     );
+    // The daemon's own work shows in its metrics.
+    let m = blocking({
+        let sa = sa.clone();
+        move || {
+            [
+                "blockfence_renewals_total",
+                "blockfence_lease_io_writes_total",
+                "blockfence_lease_io_reads_total",
+                "blockfence_takeover_duration_seconds_count",
+                "blockfence_sessions",
+            ]
+            .map(|n| metric(&sa, n))
+        }
+    })
+    .await;
+    assert!(m.iter().all(|v| *v >= 1.0), "metrics not recorded: {m:?}");
     let released_at = Instant::now();
     let (status, st) = blocking({
         let (sa, s) = (sa.clone(), session_a.clone());

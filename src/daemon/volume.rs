@@ -353,12 +353,15 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
         for action in actions {
             match action {
                 lease::Action::Read { first_block, count } => {
+                    self.metrics.lease_io(&self.name, 1, count as u64, 0);
                     let rx = self
                         .worker
                         .submit_async(Request::Read { first_block, count });
                     self.io = Some((rx, true));
                 }
                 lease::Action::Write { block, data } => {
+                    self.metrics.lease_io(&self.name, 0, 0, 1);
+                    self.write_started = Some(Instant::now());
                     let rx = self.worker.submit_async(Request::Write { block, data });
                     self.io = Some((rx, false));
                 }
@@ -455,7 +458,8 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
         for action in actions {
             match action {
                 session::Action::SeekLease => {
-                    self.queue.push_back(Work::Lease(lease::Input::Acquire))
+                    self.seek_started.get_or_insert_with(Instant::now);
+                    self.queue.push_back(Work::Lease(lease::Input::Acquire));
                 }
                 session::Action::ReleaseLease => {
                     self.queue.push_back(Work::Lease(lease::Input::Release))
