@@ -23,6 +23,7 @@
 //! cleaning on blocking threads).
 
 pub mod config;
+pub mod devices;
 pub mod mounts;
 pub mod volume;
 
@@ -73,6 +74,20 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Serve(#[from] crate::api::ServeError),
+    #[error(
+        "volume {volume:?}: no device matches {spec:?} under {sysfs_root}: check the id \
+             (`blockfence doctor` lists the namespaces) or that the device is attached"
+    )]
+    DeviceMissing {
+        volume: String,
+        spec: PathBuf,
+        sysfs_root: PathBuf,
+    },
+    #[error("volume {volume:?}: {error}")]
+    Device {
+        volume: String,
+        error: crate::device::DeviceError,
+    },
     #[error("{0}")]
     Internal(String),
 }
@@ -89,6 +104,7 @@ pub struct Daemon {
     dispatcher: tokio::task::JoinHandle<()>,
     drain_limit: Duration,
     starved: Arc<std::sync::atomic::AtomicBool>,
+    monitor: Option<crate::device::monitor::Monitor>,
 }
 
 impl Daemon {
@@ -102,7 +118,19 @@ impl Daemon {
         cfg: DaemonConfig,
         ops: Arc<O>,
     ) -> Result<Daemon, DaemonError> {
+        Daemon::start_full(cfg, ops, Arc::new(devices::SystemReservations)).await
+    }
+
+    /// [`Daemon::start_with`] with other NVMe reservation commands (tests:
+    /// `nvme::fake`).
+    pub async fn start_full<O: FenceOps + 'static>(
+        cfg: DaemonConfig,
+        ops: Arc<O>,
+        reservations: Arc<dyn devices::ReservationOpener>,
+    ) -> Result<Daemon, DaemonError> {
         let epoch = Instant::now();
+        let dev = &cfg.devices;
+        let mut watched = Vec::new();
         let metrics = Arc::new(Metrics::new());
         let guards = Arc::new(Mutex::new(vec![Guard::NotWriting; cfg.volumes.len()]));
         let mut handles = Vec::new();
@@ -110,7 +138,17 @@ impl Daemon {
         let mut min_fence_ms = u64::MAX;
         let mut max_window_ms = 0u64;
         for (index, spec) in cfg.volumes.iter().enumerate() {
-            let (device, node, params) = (spec.device.clone(), cfg.node_name.clone(), cfg.params);
+            let located = devices::locate(&dev.sysfs_root, &dev.dev_dir, &spec.device)
+                .map_err(|error| DaemonError::Device {
+                    volume: spec.name.clone(),
+                    error,
+                })?
+                .ok_or_else(|| DaemonError::DeviceMissing {
+                    volume: spec.name.clone(),
+                    spec: spec.device.clone(),
+                    sysfs_root: dev.sysfs_root.clone(),
+                })?;
+            let (device, node, params) = (located.path.clone(), cfg.node_name.clone(), cfg.params);
             let opened = tokio::task::spawn_blocking(move || {
                 open_lease(&device, &node, |area| params.apply(area))
             })
@@ -125,7 +163,7 @@ impl Daemon {
             min_fence_ms = min_fence_ms.min(p.fence_timeout_ms as u64);
             max_window_ms =
                 max_window_ms.max(p.lease_timeout_ms as u64 + p.fence_timeout_ms as u64);
-            let rdev = mounts::device_number(&spec.device).map_err(|e| DaemonError::Volume {
+            let rdev = mounts::device_number(&located.path).map_err(|e| DaemonError::Volume {
                 volume: spec.name.clone(),
                 device: spec.device.clone(),
                 error: RunnerError::Failed(e.to_string()),
@@ -140,10 +178,46 @@ impl Daemon {
                 handover_hold_off_ms: millis(cfg.handover_hold_off),
                 acquire_grace_ms: 4 * p.io_timeout_ms as u64 + p.renew_interval_ms as u64,
             };
+            let (news_tx, news_rx) = mpsc::unbounded_channel();
+            let guard = match &located.namespace {
+                Some(ns) => Some(volume::GuardCheck {
+                    sysfs_root: dev.sysfs_root.clone(),
+                    namespace: ns.clone(),
+                    policy: dev.stale_io_policy,
+                }),
+                None => {
+                    tracing::info!(volume = %spec.name, device = %located.path.display(),
+                        "not an NVMe namespace: the stale-I/O guard and reservations are skipped");
+                    None
+                }
+            };
+            let reservation = match &located.namespace {
+                Some(ns) => match reservations.open(&spec.name, ns, &located.path) {
+                    Ok(ops) => Some(
+                        devices::ReservationLink::spawn(
+                            &spec.name,
+                            crate::nvme::reservation::key_for_node(&cfg.node_name),
+                            ops,
+                        )
+                        .map_err(|e| DaemonError::Internal(format!("reservation thread: {e}")))?,
+                    ),
+                    Err(e) => {
+                        tracing::warn!(volume = %spec.name, error = %e,
+                            "reservations: unsupported (disk lease only): cannot open the namespace for reservation commands");
+                        None
+                    }
+                },
+                None => None,
+            };
+            watched.push(devices::Watched {
+                volume: spec.name.clone(),
+                located: located.clone(),
+                news: news_tx,
+            });
             let (task, handle) = VolumeTask::new(VolumeSetup {
                 name: spec.name.clone(),
                 index,
-                device: spec.device.clone(),
+                device: located.path.clone(),
                 rdev,
                 store: Box::new(opened.store),
                 layout: opened.layout,
@@ -154,15 +228,19 @@ impl Daemon {
                 fence_ops: Arc::clone(&ops),
                 mmp_clean: rdev.is_some(),
                 metrics: Arc::clone(&metrics),
+                device_news: news_rx,
+                guard,
+                reservation,
             })
             .map_err(|e| DaemonError::Volume {
                 volume: spec.name.clone(),
-                device: spec.device.clone(),
+                device: located.path.clone(),
                 error: RunnerError::Disk(e),
             })?;
             tasks.push(tokio::spawn(task.run()));
             handles.push(handle);
         }
+        let monitor = start_monitor(&dev.sysfs_root, watched);
         let watchdog_timeout = cfg.watchdog_timeout.map(millis).unwrap_or(min_fence_ms);
         watchdog::check_timeout(watchdog_timeout, min_fence_ms)?;
         let starved = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -223,6 +301,7 @@ impl Daemon {
                 + Duration::from_millis(max_window_ms)
                 + Duration::from_secs(5),
             starved,
+            monitor,
         })
     }
 
@@ -265,6 +344,9 @@ impl Daemon {
             }
         }
         self.dispatcher.abort();
+        if let Some(m) = self.monitor {
+            let _ = tokio::task::spawn_blocking(move || m.stop()).await;
+        }
         let served = self.server.shutdown().await;
         if let Some((feeder, stop)) = self.feeder {
             let _ = stop.send(true);
@@ -294,6 +376,45 @@ pub async fn run(cfg: DaemonConfig, stop: impl Future<Output = ()>) -> Result<()
     stop.await;
     tracing::info!("stopping: asking holders to stop");
     daemon.shutdown().await
+}
+
+/// Starts the device monitor (once) and routes its events to the volumes.
+/// Without it (no permission to listen), path loss is still caught by the
+/// lease's failing renewals, only later: logged, not fatal.
+fn start_monitor(
+    sysfs_root: &std::path::Path,
+    watched: Vec<devices::Watched>,
+) -> Option<crate::device::monitor::Monitor> {
+    use crate::device::monitor::{Monitor, Options};
+    let (std_tx, std_rx) = std::sync::mpsc::channel();
+    let opts = Options {
+        sysfs_root: sysfs_root.to_path_buf(),
+        watch_paths: watched.iter().any(|w| w.located.namespace.is_some()),
+        ..Options::default()
+    };
+    let monitor = match Monitor::spawn(opts, std_tx) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(error = %e, "no device monitor: a lost path is noticed only when renewals fail");
+            return None;
+        }
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let bridge = std::thread::Builder::new()
+        .name("device-events".into())
+        .spawn(move || {
+            while let Ok(e) = std_rx.recv() {
+                if tx.send(e).is_err() {
+                    return;
+                }
+            }
+        });
+    if let Err(e) = bridge {
+        tracing::warn!(error = %e, "no device event thread: a lost path is noticed only when renewals fail");
+        return None;
+    }
+    tokio::spawn(devices::route_events(sysfs_root.to_path_buf(), rx, watched));
+    Some(monitor)
 }
 
 fn millis(d: Duration) -> u64 {

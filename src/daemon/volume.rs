@@ -20,12 +20,15 @@ use crate::api::{
 };
 use crate::core::lease::{self, Event, Identity, IoFailure, Layout, LeaseMachine, Millis};
 use crate::core::params::Params;
+use crate::core::reservation::{Event as ResvEvent, Input as ResvInput};
 use crate::core::session::{
     self, Answer, EndReason, LeaseNews, Phase, Published, Refusal, SessionConfig, SessionMachine,
     StopKind,
 };
 use crate::core::watchdog::Guard;
+use crate::daemon::devices::{DeviceNews, ReservationLink};
 use crate::daemon::mounts::fence_device;
+use crate::device::guard::{self, Decision, Policy};
 use crate::disk::error::DiskError;
 use crate::disk::store::BlockStore;
 use crate::disk::worker::{IoWorker, Reply as IoReply, Request};
@@ -108,6 +111,20 @@ pub struct VolumeSetup<O> {
     /// Mark ext4 MMP clean after acquiring (off for raw test images).
     pub mmp_clean: bool,
     pub metrics: Arc<Metrics>,
+    /// What the device layer says about this volume's device.
+    pub device_news: mpsc::UnboundedReceiver<DeviceNews>,
+    /// The stale-I/O guard, for an NVMe volume.
+    pub guard: Option<GuardCheck>,
+    /// The NVMe reservation beside the lease, where supported.
+    pub reservation: Option<ReservationLink>,
+}
+
+/// The stale-I/O guard of one NVMe volume, run before its first grant.
+#[derive(Debug, Clone)]
+pub struct GuardCheck {
+    pub sysfs_root: PathBuf,
+    pub namespace: String,
+    pub policy: Policy,
 }
 
 /// A reply waiting for the session machine's answer.
@@ -158,6 +175,14 @@ pub struct VolumeTask<O> {
     seek_started: Option<Instant>,
     /// When a handover was asked (for the handover time).
     handover_started: Option<Instant>,
+    device_news: Option<mpsc::UnboundedReceiver<DeviceNews>>,
+    guard: Option<GuardCheck>,
+    resv: Option<ReservationLink>,
+    /// The reservation is held (checked every renew interval).
+    resv_holding: bool,
+    /// The reservation was lost: rejoin after the fence.
+    resv_lost: bool,
+    resv_check: tokio::time::Interval,
 }
 
 impl<O: FenceOps + 'static> VolumeTask<O> {
@@ -215,6 +240,17 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
             write_started: None,
             seek_started: None,
             handover_started: None,
+            device_news: Some(setup.device_news),
+            guard: setup.guard,
+            resv: setup.reservation,
+            resv_holding: false,
+            resv_lost: false,
+            resv_check: {
+                let every = Duration::from_millis(params.renew_interval_ms.max(1) as u64);
+                let mut t = tokio::time::interval_at(Instant::now() + every, every);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                t
+            },
         };
         Ok((task, handle))
     }
@@ -252,7 +288,23 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
                 .map(|t| self.at(t));
             let io = self.io.as_mut().map(|(rx, _)| rx);
             let fence = self.fence.as_mut();
+            let news = self.device_news.as_mut();
+            let resv = self.resv.as_mut().map(|l| &mut l.events);
+            let holding = self.resv_holding;
             tokio::select! {
+                n = maybe_recv(news) => match n {
+                    Some(n) => self.on_device(n),
+                    None => self.device_news = None,
+                },
+                e = maybe_recv(resv) => match e {
+                    Some(e) => self.on_resv_events(vec![e]),
+                    None => self.resv = None,
+                },
+                _ = self.resv_check.tick(), if holding => {
+                    if let Some(link) = &self.resv {
+                        link.send(ResvInput::Check);
+                    }
+                }
                 cmd = self.commands.recv(), if !closed => match cmd {
                     Some(VolumeCmd::Api(c)) => self.on_api(c),
                     Some(VolumeCmd::Shutdown) => {
@@ -298,6 +350,10 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
                 reply,
                 ..
             } => {
+                if let Some(why) = self.check_guard() {
+                    let _ = reply.send(Err(ApiError::unavailable(why)));
+                    return;
+                }
                 self.waiting.insert(req, Waiting::Grant(reply));
                 let session = format!("{:x}-{:032x}", self.index, rand::random::<u128>());
                 let wait = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
@@ -334,6 +390,124 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
             }
         };
         self.queue.push_back(Work::Session(input));
+    }
+
+    /// Runs the stale-I/O guard until it has let a grant through once;
+    /// `Some(why)` refuses the acquire (with the exact fixes).
+    fn check_guard(&mut self) -> Option<String> {
+        let g = self.guard.as_ref()?;
+        // Attribute files of sysfs: no device I/O.
+        let decision = guard::enforce(&g.sysfs_root, &g.namespace, &self.params, g.policy);
+        let refused = |fixes: &[String]| {
+            format!(
+                "the stale-I/O guard refuses NVMe namespace {}: writes queued on this node could \
+                 land after another node took over; fix: {}",
+                g.namespace,
+                if fixes.is_empty() {
+                    "see `blockfence doctor`".to_string()
+                } else {
+                    fixes.join("; ")
+                }
+            )
+        };
+        match decision {
+            Ok(Decision::Proceed { applied, .. }) => {
+                if !applied.is_empty() {
+                    tracing::warn!(volume = %self.name, ?applied, "stale-I/O guard: set fast_io_fail_tmo; the volume now passes");
+                }
+            }
+            Ok(Decision::Warned { verdict }) => {
+                tracing::warn!(volume = %self.name, fixes = ?verdict.fixes,
+                    "stale-I/O guard (policy warn): granting although queued writes could outlive a takeover");
+            }
+            Ok(Decision::Refused { verdict, .. }) => {
+                let why = refused(&verdict.fixes);
+                tracing::error!(volume = %self.name, "{why}");
+                return Some(why);
+            }
+            Err(e) if g.policy == Policy::Warn => {
+                tracing::warn!(volume = %self.name, error = %e, "stale-I/O guard cannot read the namespace (policy warn: carrying on)");
+            }
+            Err(e) => {
+                return Some(format!(
+                    "the stale-I/O guard cannot check NVMe namespace {}: {e}",
+                    g.namespace
+                ))
+            }
+        }
+        self.guard = None;
+        None
+    }
+
+    fn on_device(&mut self, news: DeviceNews) {
+        match news {
+            DeviceNews::PathLost(why) => {
+                tracing::error!(volume = %self.name, %why, "device path lost: fencing now");
+                self.queue
+                    .push_back(Work::Session(session::Input::PathLost { why }));
+            }
+            DeviceNews::PathBack => {
+                tracing::warn!(volume = %self.name, "device path back");
+                self.queue
+                    .push_back(Work::Session(session::Input::PathBack));
+            }
+        }
+    }
+
+    /// Takes the NVMe reservation after winning the lease, before the grant
+    /// is answered; returns its events (handled after the lease news).
+    async fn resv_become_holder(&mut self, now: Millis, valid_until: Millis) -> Vec<ResvEvent> {
+        let Some(link) = &self.resv else {
+            return Vec::new();
+        };
+        let rx = link.ask(ResvInput::BecomeHolder);
+        let limit = Duration::from_millis(valid_until.saturating_sub(now));
+        match tokio::time::timeout(limit, rx).await {
+            Ok(Ok(events)) => events,
+            Ok(Err(_)) => vec![ResvEvent::AcquireFailed {
+                detail: "the reservation thread ended".into(),
+            }],
+            Err(_) => vec![ResvEvent::AcquireFailed {
+                detail: "no answer within the lease's validity".into(),
+            }],
+        }
+    }
+
+    fn on_resv_events(&mut self, events: Vec<ResvEvent>) {
+        for e in events {
+            match e {
+                ResvEvent::Unsupported { reason } => {
+                    tracing::warn!(volume = %self.name, %reason, "reservations: unsupported (disk lease only)");
+                    self.resv = None;
+                    self.resv_holding = false;
+                }
+                ResvEvent::Acquired { preempted } => {
+                    tracing::info!(volume = %self.name, ?preempted, "NVMe reservation held");
+                    self.resv_holding = true;
+                }
+                ResvEvent::Released => self.resv_holding = false,
+                ResvEvent::ReservationLost { reason } => {
+                    tracing::error!(volume = %self.name, ?reason, "NVMe reservation lost: fencing now");
+                    self.resv_holding = false;
+                    self.resv_lost = true;
+                    self.queue
+                        .push_back(Work::Session(session::Input::ReservationLost));
+                }
+                ResvEvent::AcquireFailed { detail } => {
+                    tracing::error!(volume = %self.name, %detail, "NVMe reservation not acquired: fencing now");
+                    self.resv_holding = false;
+                    self.resv_lost = true;
+                    self.queue
+                        .push_back(Work::Session(session::Input::ReservationLost));
+                }
+                ResvEvent::Registered => {
+                    tracing::info!(volume = %self.name, "NVMe reservation key registered")
+                }
+                ResvEvent::CommandFailed { command, detail } => {
+                    tracing::warn!(volume = %self.name, ?command, %detail, "reservation command failed")
+                }
+            }
+        }
     }
 
     /// Steps the machines until no work is left.
@@ -407,13 +581,18 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
                     self.metrics
                         .takeover(&self.name, t.saturating_duration_since(started));
                 }
+                let resv = self.resv_become_holder(now, valid_until).await;
                 if self.mmp_clean {
                     self.clean_mmp(now, valid_until).await;
                 }
-                LeaseNews::Acquired {
-                    generation,
-                    valid_until,
-                }
+                self.queue
+                    .push_back(Work::Session(session::Input::Lease(LeaseNews::Acquired {
+                        generation,
+                        valid_until,
+                    })));
+                // A failed takeover of the reservation fences at once.
+                self.on_resv_events(resv);
+                return;
             }
             Event::RenewFailed { valid_until, .. } => {
                 self.metrics.renewal_failed(&self.name);
@@ -462,6 +641,10 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
                     self.queue.push_back(Work::Lease(lease::Input::Acquire));
                 }
                 session::Action::ReleaseLease => {
+                    if let (Some(link), true) = (&self.resv, self.resv_holding) {
+                        link.send(ResvInput::StepDown);
+                        self.resv_holding = false;
+                    }
                     self.queue.push_back(Work::Lease(lease::Input::Release))
                 }
                 session::Action::Fence { deadline, cause } => self.start_fence(deadline, cause),
@@ -602,6 +785,11 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
             }
             Published::Fenced { generation, ok } => {
                 self.fenced = true;
+                if ok && std::mem::take(&mut self.resv_lost) {
+                    if let Some(link) = &self.resv {
+                        link.send(ResvInput::Rejoin);
+                    }
+                }
                 let took = self
                     .fence_started
                     .take()
@@ -722,6 +910,14 @@ fn lease_state(phase: Phase, fenced: bool) -> LeaseState {
 async fn maybe<F: std::future::Future + Unpin>(f: Option<&mut F>) -> F::Output {
     match f {
         Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Receives from `rx` if there is one; never completes otherwise.
+async fn maybe_recv<T>(rx: Option<&mut mpsc::UnboundedReceiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
 }
