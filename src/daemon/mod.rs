@@ -105,6 +105,7 @@ pub struct Daemon {
     drain_limit: Duration,
     starved: Arc<std::sync::atomic::AtomicBool>,
     monitor: Option<crate::device::monitor::Monitor>,
+    device_events: mpsc::UnboundedSender<crate::device::DeviceEvent>,
 }
 
 impl Daemon {
@@ -130,7 +131,7 @@ impl Daemon {
     ) -> Result<Daemon, DaemonError> {
         let epoch = Instant::now();
         let dev = &cfg.devices;
-        let mut watched = Vec::new();
+        let mut watched: Vec<devices::Watched> = Vec::new();
         let metrics = Arc::new(Metrics::new());
         let guards = Arc::new(Mutex::new(vec![Guard::NotWriting; cfg.volumes.len()]));
         let mut handles = Vec::new();
@@ -240,7 +241,14 @@ impl Daemon {
             tasks.push(tokio::spawn(task.run()));
             handles.push(handle);
         }
-        let monitor = start_monitor(&dev.sysfs_root, watched);
+        let watch_paths = watched.iter().any(|w| w.located.namespace.is_some());
+        let (device_events, device_rx) = mpsc::unbounded_channel();
+        tokio::spawn(devices::route_events(
+            dev.sysfs_root.clone(),
+            device_rx,
+            watched,
+        ));
+        let monitor = start_monitor(&dev.sysfs_root, watch_paths, device_events.clone());
         let watchdog_timeout = cfg.watchdog_timeout.map(millis).unwrap_or(min_fence_ms);
         watchdog::check_timeout(watchdog_timeout, min_fence_ms)?;
         let starved = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -302,6 +310,7 @@ impl Daemon {
                 + Duration::from_secs(5),
             starved,
             monitor,
+            device_events,
         })
     }
 
@@ -315,6 +324,13 @@ impl Daemon {
             .iter()
             .find(|h| h.name == volume)
             .map(|h| h.events.subscribe())
+    }
+
+    /// Feeds a device event as if the monitor had sent it (tests: events the
+    /// kernel cannot be made to send, such as the removal of an open loop
+    /// device, whose detach the kernel defers until it is closed).
+    pub fn inject_device_event(&self, event: crate::device::DeviceEvent) {
+        let _ = self.device_events.send(event);
     }
 
     /// Whether the watchdog has been starved for good (a fence failed).
@@ -378,18 +394,19 @@ pub async fn run(cfg: DaemonConfig, stop: impl Future<Output = ()>) -> Result<()
     daemon.shutdown().await
 }
 
-/// Starts the device monitor (once) and routes its events to the volumes.
+/// Starts the device monitor (once), its events going to `tx` (the router).
 /// Without it (no permission to listen), path loss is still caught by the
 /// lease's failing renewals, only later: logged, not fatal.
 fn start_monitor(
     sysfs_root: &std::path::Path,
-    watched: Vec<devices::Watched>,
+    watch_paths: bool,
+    tx: mpsc::UnboundedSender<crate::device::DeviceEvent>,
 ) -> Option<crate::device::monitor::Monitor> {
     use crate::device::monitor::{Monitor, Options};
     let (std_tx, std_rx) = std::sync::mpsc::channel();
     let opts = Options {
         sysfs_root: sysfs_root.to_path_buf(),
-        watch_paths: watched.iter().any(|w| w.located.namespace.is_some()),
+        watch_paths,
         ..Options::default()
     };
     let monitor = match Monitor::spawn(opts, std_tx) {
@@ -399,7 +416,6 @@ fn start_monitor(
             return None;
         }
     };
-    let (tx, rx) = mpsc::unbounded_channel();
     let bridge = std::thread::Builder::new()
         .name("device-events".into())
         .spawn(move || {
@@ -413,7 +429,6 @@ fn start_monitor(
         tracing::warn!(error = %e, "no device event thread: a lost path is noticed only when renewals fail");
         return None;
     }
-    tokio::spawn(devices::route_events(sysfs_root.to_path_buf(), rx, watched));
     Some(monitor)
 }
 
