@@ -18,7 +18,7 @@
 mod common;
 
 use blockfence::api::{VolumeEvent, VolumeEventKind};
-use blockfence::core::reservation::{Input as ResvInput, Reservation};
+use blockfence::core::reservation::{Input as ResvInput, Key, Reservation, ResvStatus, ResvType};
 use blockfence::daemon::config::{DaemonConfig, DeviceOptions, ParamOverrides, Policy, VolumeSpec};
 use blockfence::daemon::devices::ReservationOpener;
 use blockfence::daemon::Daemon;
@@ -26,7 +26,8 @@ use blockfence::device::DeviceEvent;
 use blockfence::fence::SystemOps;
 use blockfence::nvme::fake::FakeNamespace;
 use blockfence::nvme::ops::{self, ReservationOps, Reservations};
-use blockfence::nvme::reservation::key_for_node;
+use blockfence::nvme::reservation::{key_for_node, AcquireAction, RegisterAction, ReleaseAction};
+use blockfence::nvme::NvmeError;
 use common::{require_root_loop, run_ok, Scratch};
 use serde_json::Value;
 use std::io::{Read, Write};
@@ -162,10 +163,12 @@ impl Setup {
     }
 }
 
-/// Reservation commands on one host of a fake namespace.
+/// Reservation commands on one host of a fake namespace (`refuse`: every
+/// Acquire fails, as a target that will not grant it).
 struct FakeOpener {
     ns: FakeNamespace,
     host: u8,
+    refuse: bool,
 }
 
 impl ReservationOpener for FakeOpener {
@@ -175,17 +178,68 @@ impl ReservationOpener for FakeOpener {
         _namespace: &str,
         _device: &Path,
     ) -> Result<Box<dyn ReservationOps + Send>, String> {
-        Ok(Box::new(Reservations::new(self.ns.host(self.host))))
+        let ops = Reservations::new(self.ns.host(self.host));
+        Ok(if self.refuse {
+            Box::new(Refusing(ops))
+        } else {
+            Box::new(ops)
+        })
+    }
+}
+
+/// Reservation commands whose Acquire always fails.
+struct Refusing(Reservations<blockfence::nvme::fake::FakeHost>);
+
+impl ReservationOps for Refusing {
+    fn support(&mut self) -> Result<blockfence::nvme::reservation::Support, NvmeError> {
+        self.0.support()
+    }
+    fn register(
+        &mut self,
+        action: RegisterAction,
+        iekey: bool,
+        crkey: Key,
+        nrkey: Key,
+    ) -> Result<(), NvmeError> {
+        self.0.register(action, iekey, crkey, nrkey)
+    }
+    fn acquire(
+        &mut self,
+        _action: AcquireAction,
+        _rtype: ResvType,
+        _crkey: Key,
+        _prkey: Key,
+    ) -> Result<(), NvmeError> {
+        Err(NvmeError::Malformed {
+            command: "acquire",
+            detail: "the test target refuses".into(),
+        })
+    }
+    fn release(
+        &mut self,
+        action: ReleaseAction,
+        rtype: ResvType,
+        crkey: Key,
+    ) -> Result<(), NvmeError> {
+        self.0.release(action, rtype, crkey)
+    }
+    fn report(&mut self) -> Result<ResvStatus, NvmeError> {
+        self.0.report()
     }
 }
 
 async fn start(cfg: DaemonConfig, ns: &FakeNamespace) -> Daemon {
+    start_opener(cfg, ns, false).await
+}
+
+async fn start_opener(cfg: DaemonConfig, ns: &FakeNamespace, refuse: bool) -> Daemon {
     Daemon::start_full(
         cfg,
         Arc::new(SystemOps),
         Arc::new(FakeOpener {
             ns: ns.clone(),
             host: 1,
+            refuse,
         }),
     )
     .await
@@ -440,5 +494,39 @@ async fn a_preempted_reservation_fences_the_holder_at_once() {
     .await
     .unwrap();
     assert_eq!(status, 410, "{body}");
+    d.shutdown().await.expect("stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_that_cannot_be_taken_starts_no_writer() {
+    if !require_root_loop() {
+        return;
+    }
+    let s = Setup::new("dd-resv-refused", Some("timeouts-safe"));
+    let ns = FakeNamespace::new(true);
+    let d = start_opener(s.config(NS_ID, Policy::Refuse), &ns, true).await;
+    let mut events = d.subscribe("pg").unwrap();
+    let (status, body) = acquire(&s.socket(), "pg-0").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("NVMe reservation could not be taken"),
+        "{body}"
+    );
+    // The lease won for nothing is given back, and nobody was granted.
+    let first = next_event(&mut events, |k| {
+        matches!(
+            k,
+            VolumeEventKind::Released { .. } | VolumeEventKind::Granted { .. }
+        )
+    })
+    .await;
+    assert!(
+        matches!(first, VolumeEventKind::Released { .. }),
+        "{first:?}"
+    );
+    assert_eq!(ns.status().holder_key(), None);
     d.shutdown().await.expect("stops");
 }

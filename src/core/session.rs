@@ -164,6 +164,10 @@ pub enum Input {
     /// The runtime's reservation check found the NVMe reservation taken
     /// (or a write was refused with Reservation Conflict): fence at once.
     ReservationLost,
+    /// The NVMe reservation could not be taken after this node won the
+    /// lease (sent before that lease's `Acquired`): no writer starts; the
+    /// lease is given back and the waiting acquires are refused with `why`.
+    ReservationRefused { why: String },
     /// A timer fired.
     Tick,
 }
@@ -324,6 +328,8 @@ pub struct SessionMachine {
     broken: Option<String>,
     /// Why the device cannot be used now (path lost, device gone).
     path_lost: Option<String>,
+    /// The next acquired lease is given back at once, for this reason.
+    refuse_next_grant: Option<String>,
 }
 
 impl SessionMachine {
@@ -346,6 +352,7 @@ impl SessionMachine {
             hold_off_until: 0,
             broken: None,
             path_lost: None,
+            refuse_next_grant: None,
         }
     }
 
@@ -434,6 +441,7 @@ impl SessionMachine {
                 }
             }
             Input::PathBack => self.path_lost = None,
+            Input::ReservationRefused { why } => self.refuse_next_grant = Some(why),
             Input::ReservationLost => {
                 if self.phase == Phase::Serving {
                     self.end_session(now, EndReason::ReservationLost, &mut out);
@@ -601,6 +609,24 @@ impl SessionMachine {
                 self.generation = self.generation.max(generation);
                 self.lost = false;
                 self.elsewhere = None;
+                if let Some(why) = self.refuse_next_grant.take() {
+                    if self.session.is_none() && matches!(self.phase, Phase::Seeking | Phase::Idle)
+                    {
+                        for w in std::mem::take(&mut self.waiters) {
+                            reply(
+                                out,
+                                w.req,
+                                Answer::Refused(Refusal::Unavailable(format!(
+                                    "the NVMe reservation could not be taken after winning the \
+                                     lease, so no writer may start: {why}"
+                                ))),
+                            );
+                        }
+                        self.phase = Phase::Releasing;
+                        out.push(Action::ReleaseLease);
+                        return;
+                    }
+                }
                 self.grant_first_waiter(now, out);
             }
             LeaseNews::Renewed { valid_until } | LeaseNews::RenewLate { valid_until } => {
@@ -1175,6 +1201,35 @@ mod tests {
         assert!(fence(&idle.step(0, Input::ReservationLost)).is_none());
     }
 
+    #[test]
+    fn a_reservation_refused_after_winning_the_lease_grants_nothing() {
+        let mut m = SessionMachine::new(CFG);
+        m.step(0, acquire(1, "pg-0", 60_000));
+        m.step(
+            10,
+            Input::ReservationRefused {
+                why: "conflict".into(),
+            },
+        );
+        let out = m.step(
+            10,
+            Input::Lease(LeaseNews::Acquired {
+                generation: 3,
+                valid_until: 5_010,
+            }),
+        );
+        assert!(matches!(
+            answer(&out, 1),
+            Some(Answer::Refused(Refusal::Unavailable(w))) if w.contains("conflict")
+        ));
+        assert!(out.contains(&Action::ReleaseLease), "{out:?}");
+        assert!(!m.may_be_writing());
+        m.step(20, Input::Lease(LeaseNews::Released { generation: 3 }));
+        // Only that one lease: the next acquire is granted.
+        let g = granted(&mut m, 30, 5_030);
+        assert_eq!(g.generation, 7);
+    }
+
     /// A stand-in lease: grants after a delay, releases, expires.
     #[derive(Debug, Default)]
     struct FakeLease {
@@ -1234,6 +1289,7 @@ mod tests {
                     10 if flag => Input::PathLost { why: "lost".into() },
                     10 => Input::PathBack,
                     11 => Input::ReservationLost,
+                    12 => Input::ReservationRefused { why: "x".into() },
                     6 if fencing => {
                         fencing = false;
                         Input::FenceDone { ok: flag || dt % 5 != 0 }

@@ -582,7 +582,25 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
                         .takeover(&self.name, t.saturating_duration_since(started));
                 }
                 let resv = self.resv_become_holder(now, valid_until).await;
-                if self.mmp_clean {
+                let failed = resv.iter().find_map(|e| match e {
+                    ResvEvent::AcquireFailed { detail } => Some(detail.clone()),
+                    ResvEvent::ReservationLost { reason } => Some(format!("{reason:?}")),
+                    _ => None,
+                });
+                self.on_resv_events(resv);
+                if let Some(why) = failed {
+                    // No writer starts: the session machine gives the lease back.
+                    self.resv_lost = false;
+                    self.queue
+                        .retain(|w| !matches!(w, Work::Session(session::Input::ReservationLost)));
+                    self.queue
+                        .push_back(Work::Session(session::Input::ReservationRefused { why }));
+                    if let Some(link) = &self.resv {
+                        // Not wanted any more; registered again if need be.
+                        link.send(ResvInput::StepDown);
+                        link.send(ResvInput::Check);
+                    }
+                } else if self.mmp_clean {
                     self.clean_mmp(now, valid_until).await;
                 }
                 self.queue
@@ -590,8 +608,6 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
                         generation,
                         valid_until,
                     })));
-                // A failed takeover of the reservation fences at once.
-                self.on_resv_events(resv);
                 return;
             }
             Event::RenewFailed { valid_until, .. } => {
