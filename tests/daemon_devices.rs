@@ -530,3 +530,44 @@ async fn a_reservation_that_cannot_be_taken_starts_no_writer() {
     assert_eq!(ns.status().holder_key(), None);
     d.shutdown().await.expect("stops");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_whose_device_is_missing_waits_for_it() {
+    if !require_root_loop() {
+        return;
+    }
+    let s = Setup::new("dd-missing", Some("timeouts-safe"));
+    let node = s.dev_dir.join("nvme0n1");
+    std::fs::remove_file(&node).unwrap();
+    let ns = FakeNamespace::new(false);
+    // Not an error: the daemon starts and says why it cannot grant.
+    let d = start(s.config(NS_ID, Policy::Refuse), &ns).await;
+    let (status, body) = acquire(&s.socket(), "pg-0").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("not present"),
+        "{body}"
+    );
+    // The device node appears, and the kernel says a disk was added.
+    std::os::unix::fs::symlink(&s.dev.0, &node).unwrap();
+    d.inject_device_event(DeviceEvent::Added {
+        name: "nvme0n1".into(),
+        major_minor: None,
+    });
+    let mut served = None;
+    for _ in 0..50 {
+        let (status, body) = acquire(&s.socket(), "pg-0").await;
+        if status == 200 {
+            served = Some(body);
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        // Polling the API (opening the device has no API event to wait on).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let grant = served.expect("granted once the device appeared");
+    assert_eq!(grant["device"], node.to_str().unwrap());
+    let (status, body) = release(&s.socket(), grant["session"].as_str().unwrap()).await;
+    assert_eq!(status, 200, "{body}");
+    d.shutdown().await.expect("stops");
+}

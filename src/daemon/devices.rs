@@ -60,7 +60,8 @@ fn id_of(spec: &str) -> &str {
 /// Finds the device of `spec`: a path (`/dev/nvme0n1`, `/dev/loop3`, an
 /// image file) is taken as given; anything else is an id resolved through
 /// `discovery::resolve` under `sysfs_root`, whose device node is looked up
-/// in `dev_dir`. `Ok(None)`: no such device (yet).
+/// in `dev_dir`. `Ok(None)`: no such device (yet): the path or node does
+/// not exist, or the block device has no medium (a detached loop device).
 pub fn locate(
     sysfs_root: &Path,
     dev_dir: &Path,
@@ -78,6 +79,9 @@ pub fn locate(
             .and_then(|p| p.to_str())
             .filter(|n| !n.contains('/') && sysfs_root.join("block").join(n).exists())
             .map(str::to_owned);
+        if block_name.as_deref().is_some_and(|n| empty(sysfs_root, n)) {
+            return Ok(None);
+        }
         let namespace = block_name
             .clone()
             .filter(|n| discovery::parse_ns_name(n).is_some());
@@ -87,27 +91,35 @@ pub fn locate(
             namespace,
         }));
     }
-    Ok(
-        discovery::resolve(sysfs_root, id_of(&text))?.map(|v| match v {
-            Volume::Nvme(ns) => Located {
-                path: dev_dir.join(&ns.name),
-                block_name: Some(ns.name.clone()),
-                namespace: Some(ns.name),
-            },
-            Volume::Block(b) => Located {
-                path: dev_dir.join(&b.name),
-                block_name: Some(b.name),
-                namespace: None,
-            },
-        }),
-    )
+    let located = discovery::resolve(sysfs_root, id_of(&text))?.map(|v| match v {
+        Volume::Nvme(ns) => Located {
+            path: dev_dir.join(&ns.name),
+            block_name: Some(ns.name.clone()),
+            namespace: Some(ns.name),
+        },
+        Volume::Block(b) => Located {
+            path: dev_dir.join(&b.name),
+            block_name: Some(b.name),
+            namespace: None,
+        },
+    });
+    Ok(located.filter(|l| {
+        l.path.exists()
+            && !l
+                .block_name
+                .as_deref()
+                .is_some_and(|n| empty(sysfs_root, n))
+    }))
 }
 
 /// One volume as the event router sees it.
 #[derive(Debug)]
 pub struct Watched {
     pub volume: String,
-    pub located: Located,
+    /// As configured (a path or an id), to locate it again.
+    pub spec: PathBuf,
+    /// Where it was last found (`None`: missing since start-up).
+    pub located: Option<Located>,
     pub news: mpsc::UnboundedSender<DeviceNews>,
 }
 
@@ -120,16 +132,39 @@ fn empty(sysfs_root: &Path, name: &str) -> bool {
 }
 
 /// Routes device events to the volumes they concern, until `events` closes.
+/// A volume that is missing or lost is located again on any block device
+/// appearing or changing (an id may come back under another name).
 pub async fn route_events(
     sysfs_root: PathBuf,
+    dev_dir: PathBuf,
     mut events: mpsc::UnboundedReceiver<DeviceEvent>,
-    watched: Vec<Watched>,
+    mut watched: Vec<Watched>,
 ) {
-    let mut lost = vec![false; watched.len()];
+    let mut lost: Vec<bool> = watched.iter().map(|w| w.located.is_none()).collect();
     while let Some(event) = events.recv().await {
-        for (i, w) in watched.iter().enumerate() {
-            let block = w.located.block_name.as_deref();
-            let ns = w.located.namespace.as_deref();
+        for (i, w) in watched.iter_mut().enumerate() {
+            if lost[i]
+                && matches!(
+                    event,
+                    DeviceEvent::Added { .. }
+                        | DeviceEvent::Changed { .. }
+                        | DeviceEvent::PathUp { .. }
+                )
+            {
+                if let Ok(Some(l)) = locate(&sysfs_root, &dev_dir, &w.spec) {
+                    let fresh = w.located.as_ref() != Some(&l);
+                    w.located = Some(l);
+                    // Back under the same name: the rules below say so.
+                    if fresh {
+                        lost[i] = false;
+                        let _ = w.news.send(DeviceNews::PathBack);
+                        continue;
+                    }
+                }
+            }
+            let Some(located) = &w.located else { continue };
+            let block = located.block_name.as_deref();
+            let ns = located.namespace.as_deref();
             let news = match &event {
                 DeviceEvent::Removed { name } if Some(name.as_str()) == block => Some(
                     DeviceNews::PathLost(format!("its device {name} was removed")),
@@ -280,15 +315,22 @@ mod tests {
     #[test]
     fn ids_resolve_to_the_namespace_under_the_dev_dir() {
         let root = fixture("single-path");
+        let dev = tempfile::tempdir().unwrap();
+        // Resolved, but no device node yet: missing.
+        assert_eq!(
+            locate(&root, dev.path(), Path::new("nvme0n1")).unwrap(),
+            None
+        );
+        std::fs::write(dev.path().join("nvme0n1"), b"").unwrap();
         for spec in [
             "eui.00a0b1c2d3e4f501",
             "wwid:eui.00a0b1c2d3e4f501",
             "nvme0n1",
         ] {
-            let l = locate(&root, Path::new("/x/dev"), Path::new(spec))
+            let l = locate(&root, dev.path(), Path::new(spec))
                 .unwrap()
                 .unwrap_or_else(|| panic!("{spec} not found"));
-            assert_eq!(l.path, PathBuf::from("/x/dev/nvme0n1"), "{spec}");
+            assert_eq!(l.path, dev.path().join("nvme0n1"), "{spec}");
             assert_eq!(l.namespace.as_deref(), Some("nvme0n1"));
         }
         assert_eq!(
@@ -308,14 +350,15 @@ mod tests {
         let (news_tx, mut news) = mpsc::unbounded_channel();
         let w = Watched {
             volume: "pg".into(),
-            located: Located {
+            spec: "/nonexistent/nvme0n1".into(),
+            located: Some(Located {
                 path: "/dev/nvme0n1".into(),
                 block_name: Some("nvme0n1".into()),
                 namespace: Some("nvme0n1".into()),
-            },
+            }),
             news: news_tx,
         };
-        let router = tokio::spawn(route_events(root, rx, vec![w]));
+        let router = tokio::spawn(route_events(root, "/dev".into(), rx, vec![w]));
         let lost = |n: &str| DeviceEvent::LastPathLost {
             namespace: n.into(),
         };

@@ -67,6 +67,18 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Nothing held, nothing going on.
+    pub fn idle() -> Snapshot {
+        Snapshot {
+            state: VolumeState::Free,
+            holder: None,
+            generation: 0,
+            last_renewal: None,
+            fence_state: FenceState::Idle,
+            phase: Phase::Idle,
+        }
+    }
+
     /// The API's view at `now`.
     pub fn status(&self, volume: &str, now: Instant) -> VolumeStatus {
         VolumeStatus {
@@ -111,12 +123,119 @@ pub struct VolumeSetup<O> {
     /// Mark ext4 MMP clean after acquiring (off for raw test images).
     pub mmp_clean: bool,
     pub metrics: Arc<Metrics>,
-    /// What the device layer says about this volume's device.
-    pub device_news: mpsc::UnboundedReceiver<DeviceNews>,
     /// The stale-I/O guard, for an NVMe volume.
     pub guard: Option<GuardCheck>,
     /// The NVMe reservation beside the lease, where supported.
     pub reservation: Option<ReservationLink>,
+}
+
+/// The receiving ends a volume's task serves; they outlive one opening of
+/// its device (the task closes a device that went away while idle and waits
+/// for it, keeping its API and events).
+#[derive(Debug)]
+pub struct VolumeChannels {
+    pub name: String,
+    pub commands: mpsc::Receiver<VolumeCmd>,
+    pub snapshot: watch::Sender<Snapshot>,
+    pub events: broadcast::Sender<VolumeEvent>,
+    /// What the device layer says about this volume's device.
+    pub device_news: Option<mpsc::UnboundedReceiver<DeviceNews>>,
+}
+
+/// A volume's channels and the handle the dispatcher keeps.
+pub fn channels(
+    name: &str,
+    index: usize,
+    device_news: mpsc::UnboundedReceiver<DeviceNews>,
+) -> (VolumeChannels, VolumeHandle) {
+    let (tx, rx) = mpsc::channel(VOLUME_QUEUE);
+    let (snap_tx, snap_rx) = watch::channel(Snapshot::idle());
+    let (events, _) = broadcast::channel(EVENT_BUFFER);
+    let handle = VolumeHandle {
+        name: name.to_string(),
+        index,
+        commands: tx,
+        snapshot: snap_rx,
+        events: events.clone(),
+    };
+    let chans = VolumeChannels {
+        name: name.to_string(),
+        commands: rx,
+        snapshot: snap_tx,
+        events,
+        device_news: Some(device_news),
+    };
+    (chans, handle)
+}
+
+/// How a volume task ended.
+#[derive(Debug)]
+pub enum Exit {
+    /// Told to stop, nothing held.
+    Stopped,
+    /// Its device went away while nothing was held: it is closed; the
+    /// channels are handed back to wait for it.
+    DeviceGone(VolumeChannels, String),
+}
+
+impl VolumeChannels {
+    /// Serves the API while the device is missing (acquires are refused as
+    /// `unavailable`, saying why) until device news arrives (`true`: try to
+    /// open it) or the daemon stops (`false`).
+    pub async fn wait_for_device(&mut self, why: &str) -> bool {
+        self.snapshot.send_replace(Snapshot::idle());
+        loop {
+            tokio::select! {
+                n = maybe_recv(self.device_news.as_mut()) => match n {
+                    Some(_) => return true,
+                    None => self.device_news = None,
+                },
+                cmd = self.commands.recv() => match cmd {
+                    None | Some(VolumeCmd::Shutdown) => return false,
+                    Some(VolumeCmd::Api(c)) => self.refuse(c, why),
+                }
+            }
+        }
+    }
+
+    fn refuse(&self, command: Command, why: &str) {
+        let status = || Snapshot::idle().status(&self.name, Instant::now());
+        let unknown = || {
+            ApiError::new(
+                ErrorCode::UnknownSession,
+                "no such session on this volume: it was never granted or is long gone",
+            )
+        };
+        match command {
+            Command::Acquire { reply, .. } => {
+                let _ = reply.send(Err(ApiError::unavailable(format!(
+                    "volume {:?}: {why}; acquires are served once it appears",
+                    self.name
+                ))));
+            }
+            Command::Keepalive { reply, .. } => {
+                let _ = reply.send(Err(unknown()));
+            }
+            Command::Release { reply, .. } => {
+                let _ = reply.send(Err(unknown()));
+            }
+            Command::Handover { reply, .. } => {
+                let _ = reply.send(Err(ApiError::new(
+                    ErrorCode::NotHeld,
+                    format!("volume {:?} is not held by this node ({why})", self.name),
+                )));
+            }
+            Command::ListVolumes { reply } => {
+                let _ = reply.send(Ok(vec![status()]));
+            }
+            Command::GetVolume { reply, .. } => {
+                let _ = reply.send(Ok(status()));
+            }
+            Command::Subscribe { reply, .. } => {
+                let _ = reply.send(Ok(self.events.subscribe()));
+            }
+        }
+    }
 }
 
 /// The stale-I/O guard of one NVMe volume, run before its first grant.
@@ -183,29 +302,20 @@ pub struct VolumeTask<O> {
     /// The reservation was lost: rejoin after the fence.
     resv_lost: bool,
     resv_check: tokio::time::Interval,
+    /// The device went away (why): close it once nothing is held.
+    gone: Option<String>,
 }
 
 impl<O: FenceOps + 'static> VolumeTask<O> {
-    /// Builds the task (starting its I/O worker thread) and its handle.
-    pub fn new(setup: VolumeSetup<O>) -> Result<(VolumeTask<O>, VolumeHandle), DiskError> {
-        let worker = IoWorker::spawn(&format!("lease-{}", setup.name), setup.store)?;
-        let (tx, rx) = mpsc::channel(VOLUME_QUEUE);
-        let first = Snapshot {
-            state: VolumeState::Free,
-            holder: None,
-            generation: 0,
-            last_renewal: None,
-            fence_state: FenceState::Idle,
-            phase: Phase::Idle,
-        };
-        let (snap_tx, snap_rx) = watch::channel(first);
-        let (events, _) = broadcast::channel(EVENT_BUFFER);
-        let handle = VolumeHandle {
-            name: setup.name.clone(),
-            index: setup.index,
-            commands: tx,
-            snapshot: snap_rx,
-            events: events.clone(),
+    /// Builds the task (starting its I/O worker thread) over `chans`.
+    /// On failure the channels come back with the error.
+    pub fn new(
+        setup: VolumeSetup<O>,
+        chans: VolumeChannels,
+    ) -> Result<VolumeTask<O>, (DiskError, VolumeChannels)> {
+        let worker = match IoWorker::spawn(&format!("lease-{}", setup.name), setup.store) {
+            Ok(w) => w,
+            Err(e) => return Err((e, chans)),
         };
         let params = setup.identity.params;
         let task = VolumeTask {
@@ -232,15 +342,15 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
             last_valid_until: None,
             last_renewal: None,
             fenced: false,
-            snapshot: snap_tx,
-            events,
-            commands: rx,
+            snapshot: chans.snapshot,
+            events: chans.events,
+            commands: chans.commands,
             queue: VecDeque::new(),
             metrics: setup.metrics,
             write_started: None,
             seek_started: None,
             handover_started: None,
-            device_news: Some(setup.device_news),
+            device_news: chans.device_news,
             guard: setup.guard,
             resv: setup.reservation,
             resv_holding: false,
@@ -251,8 +361,21 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
                 t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 t
             },
+            gone: None,
         };
-        Ok((task, handle))
+        Ok(task)
+    }
+
+    /// Closes the device (the worker thread ends with the task) and hands
+    /// the channels back.
+    fn into_channels(self) -> VolumeChannels {
+        VolumeChannels {
+            name: self.name,
+            commands: self.commands,
+            snapshot: self.snapshot,
+            events: self.events,
+            device_news: self.device_news,
+        }
     }
 
     fn now(&self) -> Millis {
@@ -268,18 +391,27 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
     /// Runs until told to stop (or the command channel closes) and nothing
     /// is held any more. While stopping it still serves keepalives and
     /// releases, so a holder asked to stop can finish cleanly.
-    pub async fn run(mut self) {
+    pub async fn run(mut self) -> Exit {
         let mut stopping = false;
         let mut closed = false;
         loop {
             self.drain().await;
             self.publish();
-            if stopping
-                && !self.sessions.may_be_writing()
+            let idle = !self.sessions.may_be_writing()
                 && self.sessions.lease().is_none()
-                && matches!(self.sessions.phase(), Phase::Idle | Phase::Broken)
-            {
-                return;
+                && matches!(self.sessions.phase(), Phase::Idle | Phase::Broken);
+            if stopping && idle {
+                return Exit::Stopped;
+            }
+            if self.gone.is_some() && idle && self.io.is_none() && self.fence.is_none() {
+                tracing::warn!(volume = %self.name, "device gone: closed; waiting for it to come back");
+                if let Ok(mut g) = self.guards.lock() {
+                    if let Some(slot) = g.get_mut(self.index) {
+                        *slot = Guard::NotWriting;
+                    }
+                }
+                let why = self.gone.take().unwrap_or_default();
+                return Exit::DeviceGone(self.into_channels(), why);
             }
             let wake = [self.lease_wake, self.session_wake]
                 .into_iter()
@@ -443,11 +575,13 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
         match news {
             DeviceNews::PathLost(why) => {
                 tracing::error!(volume = %self.name, %why, "device path lost: fencing now");
+                self.gone = Some(why.clone());
                 self.queue
                     .push_back(Work::Session(session::Input::PathLost { why }));
             }
             DeviceNews::PathBack => {
                 tracing::warn!(volume = %self.name, "device path back");
+                self.gone = None;
                 self.queue
                     .push_back(Work::Session(session::Input::PathBack));
             }
