@@ -345,6 +345,14 @@ async fn an_nvme_volume_by_id_that_loses_its_last_path_is_fenced_at_once() {
     );
     // Both controllers start reconnecting: the namespace has no usable path.
     s.set_controllers("connecting");
+    let lost = next_event(&mut events, |k| {
+        matches!(k, VolumeEventKind::PathLost { .. })
+    })
+    .await;
+    assert!(
+        matches!(&lost, VolumeEventKind::PathLost { reason } if reason.contains("nvme0n1")),
+        "{lost:?}"
+    );
     assert_eq!(fencing_reason(&mut events).await, "path_lost");
     let ended = next_event(&mut events, |k| matches!(k, VolumeEventKind::Fenced { .. })).await;
     assert!(matches!(ended, VolumeEventKind::Fenced { ok: true, .. }));
@@ -357,6 +365,7 @@ async fn an_nvme_volume_by_id_that_loses_its_last_path_is_fenced_at_once() {
     );
     // The path comes back: acquires are served again.
     s.set_controllers("live");
+    next_event(&mut events, |k| matches!(k, VolumeEventKind::PathBack {})).await;
     let mut served = None;
     for _ in 0..50 {
         let (status, body) = acquire(&s.socket(), "pg-2").await;
@@ -432,10 +441,19 @@ async fn the_stale_io_guard_refuses_an_unsafe_namespace_with_the_fix() {
     assert_ne!(written.trim(), "off", "fast_io_fail_tmo was not set");
     assert_eq!(status, 503, "{body}");
     d.shutdown().await.expect("stops");
-    // warn: granted anyway.
+    // warn: granted anyway, and said so.
     let d = start(s.config(NS_ID, Policy::Warn), &ns).await;
+    let mut events = d.subscribe("pg").unwrap();
     let (status, body) = acquire(&s.socket(), "pg-0").await;
     assert_eq!(status, 200, "{body}");
+    let warned = next_event(&mut events, |k| {
+        matches!(k, VolumeEventKind::StaleIoWarning { .. })
+    })
+    .await;
+    assert!(
+        matches!(&warned, VolumeEventKind::StaleIoWarning { fixes } if fixes.contains("budget")),
+        "{warned:?}"
+    );
     let (status, body) = release(&s.socket(), body["session"].as_str().unwrap()).await;
     assert_eq!(status, 200, "{body}");
     d.shutdown().await.expect("stops");

@@ -187,7 +187,15 @@ impl VolumeChannels {
         loop {
             tokio::select! {
                 n = maybe_recv(self.device_news.as_mut()) => match n {
-                    Some(_) => return true,
+                    Some(n) => {
+                        if n == DeviceNews::PathBack {
+                            let _ = self.events.send(VolumeEvent {
+                                volume: self.name.clone(),
+                                kind: VolumeEventKind::PathBack {},
+                            });
+                        }
+                        return true;
+                    }
                     None => self.device_news = None,
                 },
                 cmd = self.commands.recv() => match cmd {
@@ -549,6 +557,9 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
                 }
             }
             Ok(Decision::Warned { verdict }) => {
+                self.send_event(VolumeEventKind::StaleIoWarning {
+                    fixes: verdict.fixes.join("; "),
+                });
                 tracing::warn!(volume = %self.name, fixes = ?verdict.fixes,
                     "stale-I/O guard (policy warn): granting although queued writes could outlive a takeover");
             }
@@ -576,12 +587,16 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
             DeviceNews::PathLost(why) => {
                 tracing::error!(volume = %self.name, %why, "device path lost: fencing now");
                 self.gone = Some(why.clone());
+                self.send_event(VolumeEventKind::PathLost {
+                    reason: why.clone(),
+                });
                 self.queue
                     .push_back(Work::Session(session::Input::PathLost { why }));
             }
             DeviceNews::PathBack => {
                 tracing::warn!(volume = %self.name, "device path back");
                 self.gone = None;
+                self.send_event(VolumeEventKind::PathBack {});
                 self.queue
                     .push_back(Work::Session(session::Input::PathBack));
             }
@@ -642,6 +657,13 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
                 }
             }
         }
+    }
+
+    fn send_event(&self, kind: VolumeEventKind) {
+        let _ = self.events.send(VolumeEvent {
+            volume: self.name.clone(),
+            kind,
+        });
     }
 
     /// Steps the machines until no work is left.
