@@ -411,7 +411,12 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
             if stopping && idle {
                 return Exit::Stopped;
             }
-            if self.gone.is_some() && idle && self.io.is_none() && self.fence.is_none() {
+            if self.gone.is_some()
+                && idle
+                && self.lease.holding().is_none()
+                && self.io.is_none()
+                && self.fence.is_none()
+            {
                 tracing::warn!(volume = %self.name, "device gone: closed; waiting for it to come back");
                 if let Ok(mut g) = self.guards.lock() {
                     if let Some(slot) = g.get_mut(self.index) {
