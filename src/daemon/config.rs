@@ -99,6 +99,8 @@ pub struct DaemonArgs {
     pub listen: Option<SocketAddr>,
     /// A volume to manage, NAME=DEVICE; repeat for more (the environment
     /// variable takes a comma-separated list). Replaces the file's list.
+    /// DEVICE is a path, or an id resolved under --sysfs-root (uuid.<uuid>,
+    /// eui.<hex>, nguid.<hex>, wwid:<wwid>); a missing device is waited for.
     #[arg(long = "volume", value_name = "NAME=DEVICE", env = "BLOCKFENCE_VOLUMES",
           value_delimiter = ',', value_parser = parse_volume)]
     pub volumes: Vec<VolumeSpec>,
