@@ -9,8 +9,13 @@
 //!                                    | reads snapshots <-----+ publishes Snapshot, Guard, events
 //!                                                            | I/O worker thread (lease I/O, deadlines)
 //!                                                            | fence on a blocking thread
+//!                                                            | reservation thread (NVMe)
+//! device monitor thread --DeviceEvent--> bridge thread --> router --DeviceNews--> volume task
 //! watchdog feeder: every FEED_INTERVAL, feeds iff core::watchdog::may_feed(guards)
 //! ```
+//! A volume whose device is missing (or went away while idle) is served by
+//! its waiting loop (`volume_main`): acquires are refused saying why, and the
+//! device is opened when the router reports it back (docs/DEVICES.md §6).
 //! Invariants:
 //! - decisions live in `core::lease`, `core::session`, `core::watchdog`; this
 //!   module wires and carries out;

@@ -8,8 +8,13 @@
 //! writes, replies, events, fences (on a blocking thread), and it publishes
 //! the volume's status and its watchdog [`Guard`].
 //!
-//! It decides nothing itself: every decision is in `core::lease` and
-//! `core::session`. The one thing it adds is marking the ext4 MMP block clean
+//! It also runs the stale-I/O guard before the first grant, turns device
+//! news (path lost / back) and reservation events into session inputs, takes
+//! the NVMe reservation after the lease is won and before the grant is
+//! answered, and checks it every renew interval while held.
+//!
+//! It decides nothing itself: every decision is in `core::lease`,
+//! `core::session` and `core::reservation`. The one thing it adds is marking the ext4 MMP block clean
 //! right after the lease is acquired (the lease has proven the previous holder
 //! fenced), so a mount after a takeover does not wait out the kernel's MMP
 //! check.
