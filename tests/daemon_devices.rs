@@ -589,3 +589,72 @@ async fn a_volume_whose_device_is_missing_waits_for_it() {
     assert_eq!(status, 200, "{body}");
     d.shutdown().await.expect("stops");
 }
+
+/// A loop device created at a number of our own (none exists at start),
+/// detached and removed on drop.
+struct NewLoop(PathBuf, u32);
+
+impl Drop for NewLoop {
+    fn drop(&mut self) {
+        let _ = run_ok("losetup", &["-d", self.0.to_str().expect("utf-8")]);
+        if let Ok(ctl) = std::fs::File::open("/dev/loop-control") {
+            use std::os::fd::AsRawFd;
+            // LOOP_CTL_REMOVE: the device was created for this test only.
+            // SAFETY: a valid fd and an integer argument, as loop(4) says.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::ioctl(ctl.as_raw_fd(), 0x4C81, self.1 as libc::c_ulong);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loop_device_attached_after_start_up_is_opened_on_the_kernels_event() {
+    if !require_root_loop() {
+        return;
+    }
+    let s = Setup::new("dd-attach", None);
+    // A formatted image, and a loop device number nobody uses.
+    let image = s.scratch.path().join("shared.img");
+    let n = (4_000..5_000)
+        .map(|i| 4_000 + (std::process::id() + i) % 1_000)
+        .find(|n| !Path::new(&format!("/dev/loop{n}")).exists())
+        .expect("a free loop number");
+    let dev = PathBuf::from(format!("/dev/loop{n}"));
+    let ns = FakeNamespace::new(false);
+    let d = start(s.config(dev.to_str().unwrap(), Policy::Refuse), &ns).await;
+    let (status, body) = acquire(&s.socket(), "pg-0").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("not present"),
+        "{body}"
+    );
+    // losetup creates the device (an `add` uevent) and attaches (`change`).
+    run_ok(
+        "losetup",
+        &[
+            "--direct-io=on",
+            dev.to_str().unwrap(),
+            image.to_str().unwrap(),
+        ],
+    )
+    .expect("losetup");
+    let _attached = NewLoop(dev.clone(), n);
+    let mut served = None;
+    for _ in 0..100 {
+        let (status, body) = acquire(&s.socket(), "pg-0").await;
+        if status == 200 {
+            served = Some(body);
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        // Polling the API (opening the device has no API event to wait on).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let grant = served.expect("granted once the kernel announced the device");
+    assert_eq!(grant["device"], dev.to_str().unwrap());
+    let (status, body) = release(&s.socket(), grant["session"].as_str().unwrap()).await;
+    assert_eq!(status, 200, "{body}");
+    d.shutdown().await.expect("stops");
+}
