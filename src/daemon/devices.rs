@@ -175,10 +175,13 @@ pub async fn route_events(
                             "its device {name} has no medium any more (detached)"
                         )))
                     } else {
-                        lost[i].then_some(DeviceNews::PathBack)
+                        // An NVMe namespace is back only when a path is.
+                        (lost[i] && ns.is_none()).then_some(DeviceNews::PathBack)
                     }
                 }
-                DeviceEvent::Added { name, .. } if Some(name.as_str()) == block && lost[i] => {
+                DeviceEvent::Added { name, .. }
+                    if Some(name.as_str()) == block && lost[i] && ns.is_none() =>
+                {
                     Some(DeviceNews::PathBack)
                 }
                 DeviceEvent::LastPathLost { namespace } if Some(namespace.as_str()) == ns => Some(
@@ -374,6 +377,12 @@ mod tests {
         ] {
             tx.send(e).unwrap();
         }
+        // A change of the namespace is not its path coming back.
+        tx.send(DeviceEvent::Changed {
+            name: "nvme0n1".into(),
+            change: crate::device::Change::Resized,
+        })
+        .unwrap();
         tx.send(up("nvme0n1")).unwrap();
         tx.send(DeviceEvent::Removed {
             name: "nvme0n1".into(),
