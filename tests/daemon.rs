@@ -107,6 +107,7 @@ fn config(node: &str, socket: &Path, device: &Path) -> DaemonConfig {
         stop_timeout: Duration::from_secs(3),
         handover_hold_off: Duration::from_secs(2),
         params: PARAMS,
+        devices: Default::default(),
     }
 }
 

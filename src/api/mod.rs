@@ -149,6 +149,16 @@ pub enum VolumeEventKind {
     },
     /// This node released the lease.
     Released { generation: u64 },
+    /// The volume's device is not usable on this node (no usable NVMe path,
+    /// device removed): a live session is fenced at once and nothing is
+    /// granted until `path_back`.
+    PathLost { reason: String },
+    /// The volume's device is usable again (nothing is granted by itself).
+    PathBack {},
+    /// The stale-I/O guard found that writes queued on this node could
+    /// outlive a takeover, and the policy (`warn`) grants anyway; `fixes`
+    /// are the commands that make it pass, separated by "; ".
+    StaleIoWarning { fixes: String },
 }
 
 /// The machine-readable part of an error: the `error` field of the JSON body.

@@ -403,6 +403,9 @@ pub fn event_name(kind: &VolumeEventKind) -> &'static str {
         VolumeEventKind::Fencing { .. } => "fencing",
         VolumeEventKind::Fenced { .. } => "fenced",
         VolumeEventKind::Released { .. } => "released",
+        VolumeEventKind::PathLost { .. } => "path_lost",
+        VolumeEventKind::PathBack {} => "path_back",
+        VolumeEventKind::StaleIoWarning { .. } => "stale_io_warning",
     }
 }
 
@@ -510,6 +513,9 @@ mod tests {
                 duration_ms: 3,
             },
             VolumeEventKind::Released { generation: 1 },
+            VolumeEventKind::PathLost { reason: "r".into() },
+            VolumeEventKind::PathBack {},
+            VolumeEventKind::StaleIoWarning { fixes: "f".into() },
         ];
         for kind in kinds {
             let json = serde_json::to_value(VolumeEvent {

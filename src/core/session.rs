@@ -74,6 +74,13 @@ pub enum EndReason {
     StopTimedOut,
     /// The lease was lost (expired or superseded on disk).
     LeaseLost,
+    /// The device lost its last usable path (or went away): writes issued
+    /// now only queue, so the node fences at once instead of waiting for
+    /// its renewals to fail.
+    PathLost,
+    /// The NVMe reservation was taken from this node (a peer preempted it):
+    /// a peer already writes, so the node fences at once.
+    ReservationLost,
 }
 
 impl EndReason {
@@ -84,6 +91,8 @@ impl EndReason {
             EndReason::Expired => "session_expired",
             EndReason::StopTimedOut => "stop_timed_out",
             EndReason::LeaseLost => "lease_lost",
+            EndReason::PathLost => "path_lost",
+            EndReason::ReservationLost => "reservation_lost",
         }
     }
 }
@@ -145,6 +154,20 @@ pub enum Input {
     /// The fence the machine asked for finished; `ok` when every step
     /// succeeded by its deadline.
     FenceDone { ok: bool },
+    /// The volume's device has no usable path any more (or was removed):
+    /// the live session ends and is fenced at once, and nothing is granted
+    /// until [`Input::PathBack`]. `why` is said in refusals.
+    PathLost { why: String },
+    /// The device is usable again. Grants nothing by itself: acquires may
+    /// now proceed.
+    PathBack,
+    /// The runtime's reservation check found the NVMe reservation taken
+    /// (or a write was refused with Reservation Conflict): fence at once.
+    ReservationLost,
+    /// The NVMe reservation could not be taken after this node won the
+    /// lease (sent before that lease's `Acquired`): no writer starts; the
+    /// lease is given back and the waiting acquires are refused with `why`.
+    ReservationRefused { why: String },
     /// A timer fired.
     Tick,
 }
@@ -303,6 +326,10 @@ pub struct SessionMachine {
     handing_over: bool,
     hold_off_until: Millis,
     broken: Option<String>,
+    /// Why the device cannot be used now (path lost, device gone).
+    path_lost: Option<String>,
+    /// The next acquired lease is given back at once, for this reason.
+    refuse_next_grant: Option<String>,
 }
 
 impl SessionMachine {
@@ -324,6 +351,8 @@ impl SessionMachine {
             handing_over: false,
             hold_off_until: 0,
             broken: None,
+            path_lost: None,
+            refuse_next_grant: None,
         }
     }
 
@@ -397,6 +426,27 @@ impl SessionMachine {
             }
             Input::Lease(news) => self.on_lease(now, news, &mut out),
             Input::FenceDone { ok } => self.on_fence_done(now, ok, &mut out),
+            Input::PathLost { why } => {
+                self.path_lost = Some(why);
+                if self.phase == Phase::Serving {
+                    self.end_session(now, EndReason::PathLost, &mut out);
+                }
+                let why = self.unavailable().unwrap_or_default();
+                for w in std::mem::take(&mut self.waiters) {
+                    reply(
+                        &mut out,
+                        w.req,
+                        Answer::Refused(Refusal::Unavailable(why.clone())),
+                    );
+                }
+            }
+            Input::PathBack => self.path_lost = None,
+            Input::ReservationRefused { why } => self.refuse_next_grant = Some(why),
+            Input::ReservationLost => {
+                if self.phase == Phase::Serving {
+                    self.end_session(now, EndReason::ReservationLost, &mut out);
+                }
+            }
             Input::Tick => {}
         }
         self.on_time(now, &mut out);
@@ -443,6 +493,12 @@ impl SessionMachine {
         }
         if let Some(e) = &self.broken {
             return Some(format!("the lease cannot be used: {e}"));
+        }
+        if let Some(why) = &self.path_lost {
+            return Some(format!(
+                "the volume's device is not usable on this node: {why}; acquires are \
+                 answered again once it is back (check the storage path, `blockfence doctor`)"
+            ));
         }
         None
     }
@@ -553,6 +609,24 @@ impl SessionMachine {
                 self.generation = self.generation.max(generation);
                 self.lost = false;
                 self.elsewhere = None;
+                if let Some(why) = self.refuse_next_grant.take() {
+                    if self.session.is_none() && matches!(self.phase, Phase::Seeking | Phase::Idle)
+                    {
+                        for w in std::mem::take(&mut self.waiters) {
+                            reply(
+                                out,
+                                w.req,
+                                Answer::Refused(Refusal::Unavailable(format!(
+                                    "the NVMe reservation could not be taken after winning the \
+                                     lease, so no writer may start: {why}"
+                                ))),
+                            );
+                        }
+                        self.phase = Phase::Releasing;
+                        out.push(Action::ReleaseLease);
+                        return;
+                    }
+                }
                 self.grant_first_waiter(now, out);
             }
             LeaseNews::Renewed { valid_until } | LeaseNews::RenewLate { valid_until } => {
@@ -1064,6 +1138,98 @@ mod tests {
         assert_eq!(fence(&out), Some((13_000, EndReason::StopTimedOut)));
     }
 
+    #[test]
+    fn path_loss_fences_at_once_and_refuses_until_the_path_is_back() {
+        let mut m = SessionMachine::new(CFG);
+        granted(&mut m, 0, 5_000);
+        m.step(10, acquire(2, "pg-1", 60_000));
+        let out = m.step(
+            1_000,
+            Input::PathLost {
+                why: "last path lost".into(),
+            },
+        );
+        // Now plus the budget, not valid_until plus the budget.
+        assert_eq!(fence(&out), Some((4_000, EndReason::PathLost)));
+        assert!(matches!(
+            answer(&out, 2),
+            Some(Answer::Refused(Refusal::Unavailable(w))) if w.contains("last path lost")
+        ));
+        let out = m.step(
+            1_010,
+            Input::Keepalive {
+                req: 3,
+                session: "s1".into(),
+            },
+        );
+        assert_eq!(
+            answer(&out, 3),
+            Some(&Answer::Refused(Refusal::SessionEnded(EndReason::PathLost)))
+        );
+        let out = m.step(1_020, acquire(4, "pg-2", 60_000));
+        assert!(matches!(
+            answer(&out, 4),
+            Some(Answer::Refused(Refusal::Unavailable(_)))
+        ));
+        m.step(1_100, Input::FenceDone { ok: true });
+        m.step(1_200, Input::Lease(LeaseNews::Released { generation: 7 }));
+        // Back: nothing is sought by itself, the next acquire is.
+        let out = m.step(1_300, Input::PathBack);
+        assert!(!out.contains(&Action::SeekLease), "{out:?}");
+        let out = m.step(1_400, acquire(5, "pg-3", 60_000));
+        assert!(out.contains(&Action::SeekLease), "{out:?}");
+    }
+
+    #[test]
+    fn path_loss_after_the_lease_ran_out_keeps_the_lease_deadline() {
+        let mut m = SessionMachine::new(CFG);
+        granted(&mut m, 0, 5_000);
+        // The lease ran out at 5_000 on this clock: the expiry check ends
+        // the session first, by valid_until + budget.
+        let out = m.step(6_000, Input::PathLost { why: "gone".into() });
+        assert_eq!(fence(&out), Some((8_000, EndReason::LeaseLost)));
+    }
+
+    #[test]
+    fn a_lost_reservation_fences_at_once() {
+        let mut m = SessionMachine::new(CFG);
+        granted(&mut m, 0, 5_000);
+        let out = m.step(2_000, Input::ReservationLost);
+        assert_eq!(fence(&out), Some((5_000, EndReason::ReservationLost)));
+        // Idle: nothing to fence.
+        let mut idle = SessionMachine::new(CFG);
+        assert!(fence(&idle.step(0, Input::ReservationLost)).is_none());
+    }
+
+    #[test]
+    fn a_reservation_refused_after_winning_the_lease_grants_nothing() {
+        let mut m = SessionMachine::new(CFG);
+        m.step(0, acquire(1, "pg-0", 60_000));
+        m.step(
+            10,
+            Input::ReservationRefused {
+                why: "conflict".into(),
+            },
+        );
+        let out = m.step(
+            10,
+            Input::Lease(LeaseNews::Acquired {
+                generation: 3,
+                valid_until: 5_010,
+            }),
+        );
+        assert!(matches!(
+            answer(&out, 1),
+            Some(Answer::Refused(Refusal::Unavailable(w))) if w.contains("conflict")
+        ));
+        assert!(out.contains(&Action::ReleaseLease), "{out:?}");
+        assert!(!m.may_be_writing());
+        m.step(20, Input::Lease(LeaseNews::Released { generation: 3 }));
+        // Only that one lease: the next acquire is granted.
+        let g = granted(&mut m, 30, 5_030);
+        assert_eq!(g.generation, 7);
+    }
+
     /// A stand-in lease: grants after a delay, releases, expires.
     #[derive(Debug, Default)]
     struct FakeLease {
@@ -1082,7 +1248,7 @@ mod tests {
         /// it served; at most one session at a time.
         #[test]
         fn invariants_hold_under_random_schedules(
-            ops in proptest::collection::vec((0u8..10, 0u64..3_000, any::<bool>()), 1..120)
+            ops in proptest::collection::vec((0u8..13, 0u64..3_000, any::<bool>()), 1..120)
         ) {
             let mut m = SessionMachine::new(CFG);
             let mut lease = FakeLease::default();
@@ -1120,6 +1286,10 @@ mod tests {
                         open.insert(next_req);
                         Input::Handover { req: next_req, to_node: "b".into() }
                     }
+                    10 if flag => Input::PathLost { why: "lost".into() },
+                    10 => Input::PathBack,
+                    11 => Input::ReservationLost,
+                    12 => Input::ReservationRefused { why: "x".into() },
                     6 if fencing => {
                         fencing = false;
                         Input::FenceDone { ok: flag || dt % 5 != 0 }

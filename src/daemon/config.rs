@@ -8,6 +8,7 @@
 //! value is one clear error at start-up.
 
 use crate::core::params::Params;
+pub use crate::device::guard::Policy;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -21,6 +22,12 @@ pub const DEFAULT_SESSION_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_STOP_TIMEOUT_MS: u64 = 30_000;
 /// Default time this node steps aside after handing a volume over.
 pub const DEFAULT_HANDOVER_HOLD_OFF_MS: u64 = 5_000;
+/// Default sysfs root (discovery, path health, the stale-I/O guard).
+pub const DEFAULT_SYSFS_ROOT: &str = "/sys";
+/// Default directory of device nodes for volumes given by id.
+pub const DEFAULT_DEV_DIR: &str = "/dev";
+/// Default stale-I/O guard policy.
+pub const DEFAULT_STALE_IO_POLICY: Policy = Policy::Warn;
 
 /// Why the configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -54,11 +61,14 @@ pub enum ConfigError {
 pub struct VolumeSpec {
     /// The name the API uses (1-253 of `[A-Za-z0-9._-]`).
     pub name: String,
-    /// The block device (or image file) formatted by `blockfence format`.
+    /// The block device (or image file) formatted by `blockfence format`,
+    /// as an absolute path, or an id resolved under the sysfs root:
+    /// `uuid.<uuid>`, `eui.<hex>`, `nguid.<hex>`, `wwid:<wwid>`, a bare
+    /// WWID/NGUID/UUID, or a block device name.
     pub device: PathBuf,
 }
 
-/// Parses `NAME=DEVICE`.
+/// Parses `NAME=DEVICE` (DEVICE: a path or an id, see [`VolumeSpec`]).
 pub fn parse_volume(spec: &str) -> Result<VolumeSpec, String> {
     let (name, device) = spec
         .split_once('=')
@@ -89,6 +99,8 @@ pub struct DaemonArgs {
     pub listen: Option<SocketAddr>,
     /// A volume to manage, NAME=DEVICE; repeat for more (the environment
     /// variable takes a comma-separated list). Replaces the file's list.
+    /// DEVICE is a path, or an id resolved under --sysfs-root (uuid.<uuid>,
+    /// eui.<hex>, nguid.<hex>, wwid:<wwid>); a missing device is waited for.
     #[arg(long = "volume", value_name = "NAME=DEVICE", env = "BLOCKFENCE_VOLUMES",
           value_delimiter = ',', value_parser = parse_volume)]
     pub volumes: Vec<VolumeSpec>,
@@ -125,6 +137,18 @@ pub struct DaemonArgs {
     /// Time the fence may take after the lease expired, ms [default: the area's].
     #[arg(long, env = "BLOCKFENCE_FENCE_TIMEOUT_MS")]
     pub fence_timeout_ms: Option<u32>,
+    /// Where sysfs is (volume ids, path health, the stale-I/O guard)
+    /// [default: /sys].
+    #[arg(long, env = "BLOCKFENCE_SYSFS_ROOT")]
+    pub sysfs_root: Option<PathBuf>,
+    /// Where the device nodes of volumes given by id are [default: /dev].
+    #[arg(long, env = "BLOCKFENCE_DEV_DIR")]
+    pub dev_dir: Option<PathBuf>,
+    /// What to do when an NVMe volume's queued writes could outlive a
+    /// takeover (docs/DEVICES.md §3), checked before its first grant:
+    /// refuse the grant, warn, or set fast_io_fail_tmo [default: warn].
+    #[arg(long, env = "BLOCKFENCE_STALE_IO_POLICY", value_enum)]
+    pub stale_io_policy: Option<Policy>,
     /// A TOML file with any of these options (keys as the long option names
     /// with `_` for `-`; `volumes = ["pg=/dev/nvme0n1"]`). Flags and
     /// environment variables override it.
@@ -149,6 +173,9 @@ struct FileConfig {
     renew_interval_ms: Option<u32>,
     lease_timeout_ms: Option<u32>,
     fence_timeout_ms: Option<u32>,
+    sysfs_root: Option<PathBuf>,
+    dev_dir: Option<PathBuf>,
+    stale_io_policy: Option<String>,
 }
 
 /// Lease parameters given to the daemon; each `None` takes the area's value.
@@ -172,6 +199,24 @@ impl ParamOverrides {
     }
 }
 
+/// Where the device layer looks, and the guard's policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceOptions {
+    pub sysfs_root: PathBuf,
+    pub dev_dir: PathBuf,
+    pub stale_io_policy: Policy,
+}
+
+impl Default for DeviceOptions {
+    fn default() -> Self {
+        DeviceOptions {
+            sysfs_root: PathBuf::from(DEFAULT_SYSFS_ROOT),
+            dev_dir: PathBuf::from(DEFAULT_DEV_DIR),
+            stale_io_policy: DEFAULT_STALE_IO_POLICY,
+        }
+    }
+}
+
 /// The daemon's resolved configuration.
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -186,6 +231,7 @@ pub struct DaemonConfig {
     pub stop_timeout: Duration,
     pub handover_hold_off: Duration,
     pub params: ParamOverrides,
+    pub devices: DeviceOptions,
 }
 
 impl DaemonArgs {
@@ -243,7 +289,27 @@ impl DaemonArgs {
                 "--watchdog-timeout-ms must be at least 1".into(),
             ));
         }
+        let stale_io_policy = match (self.stale_io_policy, file.stale_io_policy) {
+            (Some(p), _) => p,
+            (None, Some(s)) => <Policy as clap::ValueEnum>::from_str(&s, true).map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "stale_io_policy {s:?}: give refuse, warn or set-fast-io-fail"
+                ))
+            })?,
+            (None, None) => DEFAULT_STALE_IO_POLICY,
+        };
         Ok(DaemonConfig {
+            devices: DeviceOptions {
+                sysfs_root: self
+                    .sysfs_root
+                    .or(file.sysfs_root)
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_SYSFS_ROOT)),
+                dev_dir: self
+                    .dev_dir
+                    .or(file.dev_dir)
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_DEV_DIR)),
+                stale_io_policy,
+            },
             node_name,
             socket: self
                 .socket
@@ -303,6 +369,44 @@ mod tests {
         assert_eq!(c.session_timeout, Duration::from_millis(5_000));
         assert_eq!(c.volumes[0].device, PathBuf::from("/dev/loop0"));
         assert_eq!(c.params, ParamOverrides::default());
+        assert_eq!(c.devices, DeviceOptions::default());
+    }
+
+    #[test]
+    fn device_options_come_from_flags_or_the_file() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            f,
+            "sysfs_root = \"/tmp/sys\"\nstale_io_policy = \"set-fast-io-fail\"\nvolumes = [\"pg=uuid.1234\"]"
+        )
+        .unwrap();
+        let c = DaemonArgs {
+            config: Some(f.path().to_path_buf()),
+            node_name: Some("a".into()),
+            ..DaemonArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(c.devices.sysfs_root, PathBuf::from("/tmp/sys"));
+        assert_eq!(c.devices.stale_io_policy, Policy::SetFastIoFail);
+        assert_eq!(c.volumes[0].device, PathBuf::from("uuid.1234"));
+        let c = DaemonArgs {
+            config: Some(f.path().to_path_buf()),
+            stale_io_policy: Some(Policy::Refuse),
+            ..args(&["pg=eui.00a0"])
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(c.devices.stale_io_policy, Policy::Refuse);
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "stale_io_policy = \"maybe\"").unwrap();
+        let e = DaemonArgs {
+            config: Some(f.path().to_path_buf()),
+            ..args(&["a=/x"])
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(e.to_string().contains("set-fast-io-fail"), "{e}");
     }
 
     #[test]

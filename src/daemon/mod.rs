@@ -9,8 +9,13 @@
 //!                                    | reads snapshots <-----+ publishes Snapshot, Guard, events
 //!                                                            | I/O worker thread (lease I/O, deadlines)
 //!                                                            | fence on a blocking thread
+//!                                                            | reservation thread (NVMe)
+//! device monitor thread --DeviceEvent--> bridge thread --> router --DeviceNews--> volume task
 //! watchdog feeder: every FEED_INTERVAL, feeds iff core::watchdog::may_feed(guards)
 //! ```
+//! A volume whose device is missing (or went away while idle) is served by
+//! its waiting loop (`volume_main`): acquires are refused saying why, and the
+//! device is opened when the router reports it back (docs/DEVICES.md §6).
 //! Invariants:
 //! - decisions live in `core::lease`, `core::session`, `core::watchdog`; this
 //!   module wires and carries out;
@@ -23,6 +28,7 @@
 //! cleaning on blocking threads).
 
 pub mod config;
+pub mod devices;
 pub mod mounts;
 pub mod volume;
 
@@ -73,6 +79,20 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Serve(#[from] crate::api::ServeError),
+    #[error(
+        "volume {volume:?}: no device matches {spec:?} under {sysfs_root}: check the id \
+             (`blockfence doctor` lists the namespaces) or that the device is attached"
+    )]
+    DeviceMissing {
+        volume: String,
+        spec: PathBuf,
+        sysfs_root: PathBuf,
+    },
+    #[error("volume {volume:?}: {error}")]
+    Device {
+        volume: String,
+        error: crate::device::DeviceError,
+    },
     #[error("{0}")]
     Internal(String),
 }
@@ -89,6 +109,8 @@ pub struct Daemon {
     dispatcher: tokio::task::JoinHandle<()>,
     drain_limit: Duration,
     starved: Arc<std::sync::atomic::AtomicBool>,
+    monitor: Option<crate::device::monitor::Monitor>,
+    device_events: mpsc::UnboundedSender<crate::device::DeviceEvent>,
 }
 
 impl Daemon {
@@ -102,69 +124,92 @@ impl Daemon {
         cfg: DaemonConfig,
         ops: Arc<O>,
     ) -> Result<Daemon, DaemonError> {
+        Daemon::start_full(cfg, ops, Arc::new(devices::SystemReservations)).await
+    }
+
+    /// [`Daemon::start_with`] with other NVMe reservation commands (tests:
+    /// `nvme::fake`).
+    pub async fn start_full<O: FenceOps + 'static>(
+        cfg: DaemonConfig,
+        ops: Arc<O>,
+        reservations: Arc<dyn devices::ReservationOpener>,
+    ) -> Result<Daemon, DaemonError> {
         let epoch = Instant::now();
+        let dev = &cfg.devices;
         let metrics = Arc::new(Metrics::new());
         let guards = Arc::new(Mutex::new(vec![Guard::NotWriting; cfg.volumes.len()]));
-        let mut handles = Vec::new();
-        let mut tasks = Vec::new();
         let mut min_fence_ms = u64::MAX;
         let mut max_window_ms = 0u64;
+        let mut starts = Vec::new();
         for (index, spec) in cfg.volumes.iter().enumerate() {
-            let (device, node, params) = (spec.device.clone(), cfg.node_name.clone(), cfg.params);
-            let opened = tokio::task::spawn_blocking(move || {
-                open_lease(&device, &node, |area| params.apply(area))
-            })
-            .await
-            .map_err(|e| DaemonError::Internal(e.to_string()))?
-            .map_err(|error| DaemonError::Volume {
-                volume: spec.name.clone(),
-                device: spec.device.clone(),
-                error,
-            })?;
-            let p = opened.identity.params;
+            let plan = Plan {
+                spec: spec.clone(),
+                index,
+                node: cfg.node_name.clone(),
+                params: cfg.params,
+                session_timeout: cfg.session_timeout,
+                stop_timeout: cfg.stop_timeout,
+                handover_hold_off: cfg.handover_hold_off,
+                devices: dev.clone(),
+                epoch,
+                guards: Arc::clone(&guards),
+                ops: Arc::clone(&ops),
+                metrics: Arc::clone(&metrics),
+                reservations: Arc::clone(&reservations),
+                watchdog_ms: None,
+            };
+            // A device present now must open (a bad one is a start-up
+            // error); a missing one is waited for.
+            let located = plan.locate()?;
+            let first = match &located {
+                Some(l) => Some(plan.open(l).await?),
+                None => {
+                    tracing::warn!(volume = %spec.name, device = %spec.device.display(),
+                        "the volume's device is not present: waiting for it to appear");
+                    None
+                }
+            };
+            let p = first
+                .as_ref()
+                .map(|s| s.identity.params)
+                .unwrap_or_else(|| cfg.params.apply(crate::core::params::Params::default()));
             min_fence_ms = min_fence_ms.min(p.fence_timeout_ms as u64);
             max_window_ms =
                 max_window_ms.max(p.lease_timeout_ms as u64 + p.fence_timeout_ms as u64);
-            let rdev = mounts::device_number(&spec.device).map_err(|e| DaemonError::Volume {
-                volume: spec.name.clone(),
-                device: spec.device.clone(),
-                error: RunnerError::Failed(e.to_string()),
-            })?;
-            let sessions = SessionConfig {
-                session_timeout_ms: millis(cfg.session_timeout),
-                stop_timeout_ms: millis(cfg.stop_timeout),
-                keepalive_interval_ms: (p.renew_interval_ms as u64)
-                    .min(millis(cfg.session_timeout) / 3)
-                    .max(10),
-                fence_timeout_ms: p.fence_timeout_ms as u64,
-                handover_hold_off_ms: millis(cfg.handover_hold_off),
-                acquire_grace_ms: 4 * p.io_timeout_ms as u64 + p.renew_interval_ms as u64,
-            };
-            let (task, handle) = VolumeTask::new(VolumeSetup {
-                name: spec.name.clone(),
-                index,
-                device: spec.device.clone(),
-                rdev,
-                store: Box::new(opened.store),
-                layout: opened.layout,
-                identity: opened.identity,
-                sessions,
-                epoch,
-                guards: Arc::clone(&guards),
-                fence_ops: Arc::clone(&ops),
-                mmp_clean: rdev.is_some(),
-                metrics: Arc::clone(&metrics),
-            })
-            .map_err(|e| DaemonError::Volume {
-                volume: spec.name.clone(),
-                device: spec.device.clone(),
-                error: RunnerError::Disk(e),
-            })?;
-            tasks.push(tokio::spawn(task.run()));
-            handles.push(handle);
+            starts.push((plan, located, first));
         }
         let watchdog_timeout = cfg.watchdog_timeout.map(millis).unwrap_or(min_fence_ms);
         watchdog::check_timeout(watchdog_timeout, min_fence_ms)?;
+        let mut watched = Vec::new();
+        let mut handles = Vec::new();
+        let mut tasks = Vec::new();
+        for (mut plan, located, first) in starts {
+            if cfg.watchdog.is_some() {
+                plan.watchdog_ms = Some(watchdog_timeout);
+            }
+            let (news_tx, news_rx) = mpsc::unbounded_channel();
+            let (chans, handle) = volume::channels(&plan.spec.name, plan.index, news_rx);
+            watched.push(devices::Watched {
+                volume: plan.spec.name.clone(),
+                spec: plan.spec.device.clone(),
+                located,
+                news: news_tx,
+            });
+            let why = plan.missing();
+            tasks.push(tokio::spawn(volume_main(plan, chans, first, why)));
+            handles.push(handle);
+        }
+        let watch_paths = watched
+            .iter()
+            .any(|w| w.located.as_ref().map_or(true, |l| l.namespace.is_some()));
+        let (device_events, device_rx) = mpsc::unbounded_channel();
+        tokio::spawn(devices::route_events(
+            dev.sysfs_root.clone(),
+            dev.dev_dir.clone(),
+            device_rx,
+            watched,
+        ));
+        let monitor = start_monitor(&dev.sysfs_root, watch_paths, device_events.clone());
         let starved = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let feeder = match &cfg.watchdog {
             Some(path) => {
@@ -223,6 +268,8 @@ impl Daemon {
                 + Duration::from_millis(max_window_ms)
                 + Duration::from_secs(5),
             starved,
+            monitor,
+            device_events,
         })
     }
 
@@ -236,6 +283,13 @@ impl Daemon {
             .iter()
             .find(|h| h.name == volume)
             .map(|h| h.events.subscribe())
+    }
+
+    /// Feeds a device event as if the monitor had sent it (tests: events the
+    /// kernel cannot be made to send, such as the removal of an open loop
+    /// device, whose detach the kernel defers until it is closed).
+    pub fn inject_device_event(&self, event: crate::device::DeviceEvent) {
+        let _ = self.device_events.send(event);
     }
 
     /// Whether the watchdog has been starved for good (a fence failed).
@@ -265,6 +319,9 @@ impl Daemon {
             }
         }
         self.dispatcher.abort();
+        if let Some(m) = self.monitor {
+            let _ = tokio::task::spawn_blocking(move || m.stop()).await;
+        }
         let served = self.server.shutdown().await;
         if let Some((feeder, stop)) = self.feeder {
             let _ = stop.send(true);
@@ -294,6 +351,227 @@ pub async fn run(cfg: DaemonConfig, stop: impl Future<Output = ()>) -> Result<()
     stop.await;
     tracing::info!("stopping: asking holders to stop");
     daemon.shutdown().await
+}
+
+/// What a volume needs to (re)open its device.
+struct Plan<O> {
+    spec: VolumeSpec,
+    index: usize,
+    node: String,
+    params: config::ParamOverrides,
+    session_timeout: Duration,
+    stop_timeout: Duration,
+    handover_hold_off: Duration,
+    devices: config::DeviceOptions,
+    epoch: Instant,
+    guards: Arc<Mutex<Vec<Guard>>>,
+    ops: Arc<O>,
+    metrics: Arc<Metrics>,
+    reservations: Arc<dyn devices::ReservationOpener>,
+    /// With a watchdog: its timeout, which a volume opened after start-up
+    /// must not exceed with its fence timeout.
+    watchdog_ms: Option<u64>,
+}
+
+impl<O: FenceOps + 'static> Plan<O> {
+    fn locate(&self) -> Result<Option<devices::Located>, DaemonError> {
+        let d = &self.devices;
+        devices::locate(&d.sysfs_root, &d.dev_dir, &self.spec.device).map_err(|error| {
+            DaemonError::Device {
+                volume: self.spec.name.clone(),
+                error,
+            }
+        })
+    }
+
+    /// Why acquires are refused while the device is missing.
+    fn missing(&self) -> String {
+        format!(
+            "its device {} is not present on this node (ids resolve under {})",
+            self.spec.device.display(),
+            self.devices.sysfs_root.display()
+        )
+    }
+
+    fn failed(&self, device: &std::path::Path, error: RunnerError) -> DaemonError {
+        DaemonError::Volume {
+            volume: self.spec.name.clone(),
+            device: device.to_path_buf(),
+            error,
+        }
+    }
+
+    /// Opens the lease area of the located device and everything the
+    /// volume's task needs with it (guard, reservation).
+    async fn open(&self, located: &devices::Located) -> Result<VolumeSetup<O>, DaemonError> {
+        let (device, node, params) = (located.path.clone(), self.node.clone(), self.params);
+        let opened = tokio::task::spawn_blocking(move || {
+            open_lease(&device, &node, |area| params.apply(area))
+        })
+        .await
+        .map_err(|e| DaemonError::Internal(e.to_string()))?
+        .map_err(|error| self.failed(&located.path, error))?;
+        let p = opened.identity.params;
+        if let Some(w) = self.watchdog_ms.filter(|&w| w > p.fence_timeout_ms as u64) {
+            return Err(self.failed(
+                &located.path,
+                RunnerError::Failed(format!(
+                    "its fence timeout ({} ms) is below the watchdog timeout ({w} ms): restart \
+                     the daemon with --watchdog-timeout-ms at most {} ms",
+                    p.fence_timeout_ms, p.fence_timeout_ms
+                )),
+            ));
+        }
+        let rdev = mounts::device_number(&located.path)
+            .map_err(|e| self.failed(&located.path, RunnerError::Failed(e.to_string())))?;
+        let session_ms = millis(self.session_timeout);
+        let sessions = SessionConfig {
+            session_timeout_ms: session_ms,
+            stop_timeout_ms: millis(self.stop_timeout),
+            keepalive_interval_ms: (p.renew_interval_ms as u64).min(session_ms / 3).max(10),
+            fence_timeout_ms: p.fence_timeout_ms as u64,
+            handover_hold_off_ms: millis(self.handover_hold_off),
+            acquire_grace_ms: 4 * p.io_timeout_ms as u64 + p.renew_interval_ms as u64,
+        };
+        let name = &self.spec.name;
+        let guard = match &located.namespace {
+            Some(ns) => Some(volume::GuardCheck {
+                sysfs_root: self.devices.sysfs_root.clone(),
+                namespace: ns.clone(),
+                policy: self.devices.stale_io_policy,
+            }),
+            None => {
+                tracing::info!(volume = %name, device = %located.path.display(),
+                    "not an NVMe namespace: the stale-I/O guard and reservations are skipped");
+                None
+            }
+        };
+        let reservation = match &located.namespace {
+            Some(ns) => match self.reservations.open(name, ns, &located.path) {
+                Ok(ops) => Some(
+                    devices::ReservationLink::spawn(
+                        name,
+                        crate::nvme::reservation::key_for_node(&self.node),
+                        ops,
+                    )
+                    .map_err(|e| DaemonError::Internal(format!("reservation thread: {e}")))?,
+                ),
+                Err(e) => {
+                    tracing::warn!(volume = %name, error = %e,
+                        "reservations: unsupported (disk lease only): cannot open the namespace for reservation commands");
+                    None
+                }
+            },
+            None => None,
+        };
+        Ok(VolumeSetup {
+            name: name.clone(),
+            index: self.index,
+            device: located.path.clone(),
+            rdev,
+            store: Box::new(opened.store),
+            layout: opened.layout,
+            identity: opened.identity,
+            sessions,
+            epoch: self.epoch,
+            guards: Arc::clone(&self.guards),
+            fence_ops: Arc::clone(&self.ops),
+            mmp_clean: rdev.is_some(),
+            metrics: Arc::clone(&self.metrics),
+            guard,
+            reservation,
+        })
+    }
+}
+
+/// One volume for the daemon's lifetime: its task while the device is
+/// there, waiting (acquires refused, saying why) while it is not.
+async fn volume_main<O: FenceOps + 'static>(
+    plan: Plan<O>,
+    mut chans: volume::VolumeChannels,
+    mut ready: Option<VolumeSetup<O>>,
+    mut why: String,
+) {
+    loop {
+        let setup = match ready.take() {
+            Some(s) => s,
+            None => {
+                if !chans.wait_for_device(&why).await {
+                    return;
+                }
+                let opened = match plan.locate() {
+                    Ok(Some(l)) => plan.open(&l).await.map_err(|e| e.to_string()),
+                    Ok(None) => Err(plan.missing()),
+                    Err(e) => Err(e.to_string()),
+                };
+                match opened {
+                    Ok(s) => {
+                        tracing::warn!(volume = %plan.spec.name, "device present: lease area opened");
+                        s
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume = %plan.spec.name, error = %e, "the volume's device is still not usable");
+                        why = e;
+                        continue;
+                    }
+                }
+            }
+        };
+        let task = match VolumeTask::new(setup, chans) {
+            Ok(t) => t,
+            Err((e, c)) => {
+                tracing::error!(volume = %plan.spec.name, error = %e, "cannot start the lease I/O thread");
+                chans = c;
+                why = format!("its lease I/O thread did not start: {e}");
+                continue;
+            }
+        };
+        match task.run().await {
+            volume::Exit::Stopped => return,
+            volume::Exit::DeviceGone(c, gone) => {
+                chans = c;
+                why = gone;
+            }
+        }
+    }
+}
+
+/// Starts the device monitor (once), its events going to `tx` (the router).
+/// Without it (no permission to listen), path loss is still caught by the
+/// lease's failing renewals, only later: logged, not fatal.
+fn start_monitor(
+    sysfs_root: &std::path::Path,
+    watch_paths: bool,
+    tx: mpsc::UnboundedSender<crate::device::DeviceEvent>,
+) -> Option<crate::device::monitor::Monitor> {
+    use crate::device::monitor::{Monitor, Options};
+    let (std_tx, std_rx) = std::sync::mpsc::channel();
+    let opts = Options {
+        sysfs_root: sysfs_root.to_path_buf(),
+        watch_paths,
+        ..Options::default()
+    };
+    let monitor = match Monitor::spawn(opts, std_tx) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(error = %e, "no device monitor: a lost path is noticed only when renewals fail");
+            return None;
+        }
+    };
+    let bridge = std::thread::Builder::new()
+        .name("device-events".into())
+        .spawn(move || {
+            while let Ok(e) = std_rx.recv() {
+                if tx.send(e).is_err() {
+                    return;
+                }
+            }
+        });
+    if let Err(e) = bridge {
+        tracing::warn!(error = %e, "no device event thread: a lost path is noticed only when renewals fail");
+        return None;
+    }
+    Some(monitor)
 }
 
 fn millis(d: Duration) -> u64 {

@@ -8,8 +8,13 @@
 //! writes, replies, events, fences (on a blocking thread), and it publishes
 //! the volume's status and its watchdog [`Guard`].
 //!
-//! It decides nothing itself: every decision is in `core::lease` and
-//! `core::session`. The one thing it adds is marking the ext4 MMP block clean
+//! It also runs the stale-I/O guard before the first grant, turns device
+//! news (path lost / back) and reservation events into session inputs, takes
+//! the NVMe reservation after the lease is won and before the grant is
+//! answered, and checks it every renew interval while held.
+//!
+//! It decides nothing itself: every decision is in `core::lease`,
+//! `core::session` and `core::reservation`. The one thing it adds is marking the ext4 MMP block clean
 //! right after the lease is acquired (the lease has proven the previous holder
 //! fenced), so a mount after a takeover does not wait out the kernel's MMP
 //! check.
@@ -20,12 +25,15 @@ use crate::api::{
 };
 use crate::core::lease::{self, Event, Identity, IoFailure, Layout, LeaseMachine, Millis};
 use crate::core::params::Params;
+use crate::core::reservation::{Event as ResvEvent, Input as ResvInput};
 use crate::core::session::{
     self, Answer, EndReason, LeaseNews, Phase, Published, Refusal, SessionConfig, SessionMachine,
     StopKind,
 };
 use crate::core::watchdog::Guard;
+use crate::daemon::devices::{DeviceNews, ReservationLink};
 use crate::daemon::mounts::fence_device;
+use crate::device::guard::{self, Decision, Policy};
 use crate::disk::error::DiskError;
 use crate::disk::store::BlockStore;
 use crate::disk::worker::{IoWorker, Reply as IoReply, Request};
@@ -64,6 +72,18 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Nothing held, nothing going on.
+    pub fn idle() -> Snapshot {
+        Snapshot {
+            state: VolumeState::Free,
+            holder: None,
+            generation: 0,
+            last_renewal: None,
+            fence_state: FenceState::Idle,
+            phase: Phase::Idle,
+        }
+    }
+
     /// The API's view at `now`.
     pub fn status(&self, volume: &str, now: Instant) -> VolumeStatus {
         VolumeStatus {
@@ -108,6 +128,135 @@ pub struct VolumeSetup<O> {
     /// Mark ext4 MMP clean after acquiring (off for raw test images).
     pub mmp_clean: bool,
     pub metrics: Arc<Metrics>,
+    /// The stale-I/O guard, for an NVMe volume.
+    pub guard: Option<GuardCheck>,
+    /// The NVMe reservation beside the lease, where supported.
+    pub reservation: Option<ReservationLink>,
+}
+
+/// The receiving ends a volume's task serves; they outlive one opening of
+/// its device (the task closes a device that went away while idle and waits
+/// for it, keeping its API and events).
+#[derive(Debug)]
+pub struct VolumeChannels {
+    pub name: String,
+    pub commands: mpsc::Receiver<VolumeCmd>,
+    pub snapshot: watch::Sender<Snapshot>,
+    pub events: broadcast::Sender<VolumeEvent>,
+    /// What the device layer says about this volume's device.
+    pub device_news: Option<mpsc::UnboundedReceiver<DeviceNews>>,
+}
+
+/// A volume's channels and the handle the dispatcher keeps.
+pub fn channels(
+    name: &str,
+    index: usize,
+    device_news: mpsc::UnboundedReceiver<DeviceNews>,
+) -> (VolumeChannels, VolumeHandle) {
+    let (tx, rx) = mpsc::channel(VOLUME_QUEUE);
+    let (snap_tx, snap_rx) = watch::channel(Snapshot::idle());
+    let (events, _) = broadcast::channel(EVENT_BUFFER);
+    let handle = VolumeHandle {
+        name: name.to_string(),
+        index,
+        commands: tx,
+        snapshot: snap_rx,
+        events: events.clone(),
+    };
+    let chans = VolumeChannels {
+        name: name.to_string(),
+        commands: rx,
+        snapshot: snap_tx,
+        events,
+        device_news: Some(device_news),
+    };
+    (chans, handle)
+}
+
+/// How a volume task ended.
+#[derive(Debug)]
+pub enum Exit {
+    /// Told to stop, nothing held.
+    Stopped,
+    /// Its device went away while nothing was held: it is closed; the
+    /// channels are handed back to wait for it.
+    DeviceGone(VolumeChannels, String),
+}
+
+impl VolumeChannels {
+    /// Serves the API while the device is missing (acquires are refused as
+    /// `unavailable`, saying why) until device news arrives (`true`: try to
+    /// open it) or the daemon stops (`false`).
+    pub async fn wait_for_device(&mut self, why: &str) -> bool {
+        self.snapshot.send_replace(Snapshot::idle());
+        loop {
+            tokio::select! {
+                n = maybe_recv(self.device_news.as_mut()) => match n {
+                    Some(n) => {
+                        if n == DeviceNews::PathBack {
+                            let _ = self.events.send(VolumeEvent {
+                                volume: self.name.clone(),
+                                kind: VolumeEventKind::PathBack {},
+                            });
+                        }
+                        return true;
+                    }
+                    None => self.device_news = None,
+                },
+                cmd = self.commands.recv() => match cmd {
+                    None | Some(VolumeCmd::Shutdown) => return false,
+                    Some(VolumeCmd::Api(c)) => self.refuse(c, why),
+                }
+            }
+        }
+    }
+
+    fn refuse(&self, command: Command, why: &str) {
+        let status = || Snapshot::idle().status(&self.name, Instant::now());
+        let unknown = || {
+            ApiError::new(
+                ErrorCode::UnknownSession,
+                "no such session on this volume: it was never granted or is long gone",
+            )
+        };
+        match command {
+            Command::Acquire { reply, .. } => {
+                let _ = reply.send(Err(ApiError::unavailable(format!(
+                    "volume {:?}: {why}; acquires are served once it appears",
+                    self.name
+                ))));
+            }
+            Command::Keepalive { reply, .. } => {
+                let _ = reply.send(Err(unknown()));
+            }
+            Command::Release { reply, .. } => {
+                let _ = reply.send(Err(unknown()));
+            }
+            Command::Handover { reply, .. } => {
+                let _ = reply.send(Err(ApiError::new(
+                    ErrorCode::NotHeld,
+                    format!("volume {:?} is not held by this node ({why})", self.name),
+                )));
+            }
+            Command::ListVolumes { reply } => {
+                let _ = reply.send(Ok(vec![status()]));
+            }
+            Command::GetVolume { reply, .. } => {
+                let _ = reply.send(Ok(status()));
+            }
+            Command::Subscribe { reply, .. } => {
+                let _ = reply.send(Ok(self.events.subscribe()));
+            }
+        }
+    }
+}
+
+/// The stale-I/O guard of one NVMe volume, run before its first grant.
+#[derive(Debug, Clone)]
+pub struct GuardCheck {
+    pub sysfs_root: PathBuf,
+    pub namespace: String,
+    pub policy: Policy,
 }
 
 /// A reply waiting for the session machine's answer.
@@ -158,29 +307,28 @@ pub struct VolumeTask<O> {
     seek_started: Option<Instant>,
     /// When a handover was asked (for the handover time).
     handover_started: Option<Instant>,
+    device_news: Option<mpsc::UnboundedReceiver<DeviceNews>>,
+    guard: Option<GuardCheck>,
+    resv: Option<ReservationLink>,
+    /// The reservation is held (checked every renew interval).
+    resv_holding: bool,
+    /// The reservation was lost: rejoin after the fence.
+    resv_lost: bool,
+    resv_check: tokio::time::Interval,
+    /// The device went away (why): close it once nothing is held.
+    gone: Option<String>,
 }
 
 impl<O: FenceOps + 'static> VolumeTask<O> {
-    /// Builds the task (starting its I/O worker thread) and its handle.
-    pub fn new(setup: VolumeSetup<O>) -> Result<(VolumeTask<O>, VolumeHandle), DiskError> {
-        let worker = IoWorker::spawn(&format!("lease-{}", setup.name), setup.store)?;
-        let (tx, rx) = mpsc::channel(VOLUME_QUEUE);
-        let first = Snapshot {
-            state: VolumeState::Free,
-            holder: None,
-            generation: 0,
-            last_renewal: None,
-            fence_state: FenceState::Idle,
-            phase: Phase::Idle,
-        };
-        let (snap_tx, snap_rx) = watch::channel(first);
-        let (events, _) = broadcast::channel(EVENT_BUFFER);
-        let handle = VolumeHandle {
-            name: setup.name.clone(),
-            index: setup.index,
-            commands: tx,
-            snapshot: snap_rx,
-            events: events.clone(),
+    /// Builds the task (starting its I/O worker thread) over `chans`.
+    /// On failure the channels come back with the error.
+    pub fn new(
+        setup: VolumeSetup<O>,
+        chans: VolumeChannels,
+    ) -> Result<VolumeTask<O>, (DiskError, VolumeChannels)> {
+        let worker = match IoWorker::spawn(&format!("lease-{}", setup.name), setup.store) {
+            Ok(w) => w,
+            Err(e) => return Err((e, chans)),
         };
         let params = setup.identity.params;
         let task = VolumeTask {
@@ -207,16 +355,40 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
             last_valid_until: None,
             last_renewal: None,
             fenced: false,
-            snapshot: snap_tx,
-            events,
-            commands: rx,
+            snapshot: chans.snapshot,
+            events: chans.events,
+            commands: chans.commands,
             queue: VecDeque::new(),
             metrics: setup.metrics,
             write_started: None,
             seek_started: None,
             handover_started: None,
+            device_news: chans.device_news,
+            guard: setup.guard,
+            resv: setup.reservation,
+            resv_holding: false,
+            resv_lost: false,
+            resv_check: {
+                let every = Duration::from_millis(params.renew_interval_ms.max(1) as u64);
+                let mut t = tokio::time::interval_at(Instant::now() + every, every);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                t
+            },
+            gone: None,
         };
-        Ok((task, handle))
+        Ok(task)
+    }
+
+    /// Closes the device (the worker thread ends with the task) and hands
+    /// the channels back.
+    fn into_channels(self) -> VolumeChannels {
+        VolumeChannels {
+            name: self.name,
+            commands: self.commands,
+            snapshot: self.snapshot,
+            events: self.events,
+            device_news: self.device_news,
+        }
     }
 
     fn now(&self) -> Millis {
@@ -232,18 +404,32 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
     /// Runs until told to stop (or the command channel closes) and nothing
     /// is held any more. While stopping it still serves keepalives and
     /// releases, so a holder asked to stop can finish cleanly.
-    pub async fn run(mut self) {
+    pub async fn run(mut self) -> Exit {
         let mut stopping = false;
         let mut closed = false;
         loop {
             self.drain().await;
             self.publish();
-            if stopping
-                && !self.sessions.may_be_writing()
+            let idle = !self.sessions.may_be_writing()
                 && self.sessions.lease().is_none()
-                && matches!(self.sessions.phase(), Phase::Idle | Phase::Broken)
+                && matches!(self.sessions.phase(), Phase::Idle | Phase::Broken);
+            if stopping && idle {
+                return Exit::Stopped;
+            }
+            if self.gone.is_some()
+                && idle
+                && self.lease.holding().is_none()
+                && self.io.is_none()
+                && self.fence.is_none()
             {
-                return;
+                tracing::warn!(volume = %self.name, "device gone: closed; waiting for it to come back");
+                if let Ok(mut g) = self.guards.lock() {
+                    if let Some(slot) = g.get_mut(self.index) {
+                        *slot = Guard::NotWriting;
+                    }
+                }
+                let why = self.gone.take().unwrap_or_default();
+                return Exit::DeviceGone(self.into_channels(), why);
             }
             let wake = [self.lease_wake, self.session_wake]
                 .into_iter()
@@ -252,7 +438,23 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
                 .map(|t| self.at(t));
             let io = self.io.as_mut().map(|(rx, _)| rx);
             let fence = self.fence.as_mut();
+            let news = self.device_news.as_mut();
+            let resv = self.resv.as_mut().map(|l| &mut l.events);
+            let holding = self.resv_holding;
             tokio::select! {
+                n = maybe_recv(news) => match n {
+                    Some(n) => self.on_device(n),
+                    None => self.device_news = None,
+                },
+                e = maybe_recv(resv) => match e {
+                    Some(e) => self.on_resv_events(vec![e]),
+                    None => self.resv = None,
+                },
+                _ = self.resv_check.tick(), if holding => {
+                    if let Some(link) = &self.resv {
+                        link.send(ResvInput::Check);
+                    }
+                }
                 cmd = self.commands.recv(), if !closed => match cmd {
                     Some(VolumeCmd::Api(c)) => self.on_api(c),
                     Some(VolumeCmd::Shutdown) => {
@@ -298,6 +500,10 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
                 reply,
                 ..
             } => {
+                if let Some(why) = self.check_guard() {
+                    let _ = reply.send(Err(ApiError::unavailable(why)));
+                    return;
+                }
                 self.waiting.insert(req, Waiting::Grant(reply));
                 let session = format!("{:x}-{:032x}", self.index, rand::random::<u128>());
                 let wait = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
@@ -334,6 +540,140 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
             }
         };
         self.queue.push_back(Work::Session(input));
+    }
+
+    /// Runs the stale-I/O guard until it has let a grant through once;
+    /// `Some(why)` refuses the acquire (with the exact fixes).
+    fn check_guard(&mut self) -> Option<String> {
+        let g = self.guard.as_ref()?;
+        // Attribute files of sysfs: no device I/O.
+        let decision = guard::enforce(&g.sysfs_root, &g.namespace, &self.params, g.policy);
+        let refused = |fixes: &[String]| {
+            format!(
+                "the stale-I/O guard refuses NVMe namespace {}: writes queued on this node could \
+                 land after another node took over; fix: {}",
+                g.namespace,
+                if fixes.is_empty() {
+                    "see `blockfence doctor`".to_string()
+                } else {
+                    fixes.join("; ")
+                }
+            )
+        };
+        match decision {
+            Ok(Decision::Proceed { applied, .. }) => {
+                if !applied.is_empty() {
+                    tracing::warn!(volume = %self.name, ?applied, "stale-I/O guard: set fast_io_fail_tmo; the volume now passes");
+                }
+            }
+            Ok(Decision::Warned { verdict }) => {
+                self.send_event(VolumeEventKind::StaleIoWarning {
+                    fixes: verdict.fixes.join("; "),
+                });
+                tracing::warn!(volume = %self.name, fixes = ?verdict.fixes,
+                    "stale-I/O guard (policy warn): granting although queued writes could outlive a takeover");
+            }
+            Ok(Decision::Refused { verdict, .. }) => {
+                let why = refused(&verdict.fixes);
+                tracing::error!(volume = %self.name, "{why}");
+                return Some(why);
+            }
+            Err(e) if g.policy == Policy::Warn => {
+                tracing::warn!(volume = %self.name, error = %e, "stale-I/O guard cannot read the namespace (policy warn: carrying on)");
+            }
+            Err(e) => {
+                return Some(format!(
+                    "the stale-I/O guard cannot check NVMe namespace {}: {e}",
+                    g.namespace
+                ))
+            }
+        }
+        self.guard = None;
+        None
+    }
+
+    fn on_device(&mut self, news: DeviceNews) {
+        match news {
+            DeviceNews::PathLost(why) => {
+                tracing::error!(volume = %self.name, %why, "device path lost: fencing now");
+                self.gone = Some(why.clone());
+                self.send_event(VolumeEventKind::PathLost {
+                    reason: why.clone(),
+                });
+                self.queue
+                    .push_back(Work::Session(session::Input::PathLost { why }));
+            }
+            DeviceNews::PathBack => {
+                tracing::warn!(volume = %self.name, "device path back");
+                self.gone = None;
+                self.send_event(VolumeEventKind::PathBack {});
+                self.queue
+                    .push_back(Work::Session(session::Input::PathBack));
+            }
+        }
+    }
+
+    /// Takes the NVMe reservation after winning the lease, before the grant
+    /// is answered; returns its events (handled after the lease news).
+    async fn resv_become_holder(&mut self, now: Millis, valid_until: Millis) -> Vec<ResvEvent> {
+        let Some(link) = &self.resv else {
+            return Vec::new();
+        };
+        let rx = link.ask(ResvInput::BecomeHolder);
+        let limit = Duration::from_millis(valid_until.saturating_sub(now));
+        match tokio::time::timeout(limit, rx).await {
+            Ok(Ok(events)) => events,
+            Ok(Err(_)) => vec![ResvEvent::AcquireFailed {
+                detail: "the reservation thread ended".into(),
+            }],
+            Err(_) => vec![ResvEvent::AcquireFailed {
+                detail: "no answer within the lease's validity".into(),
+            }],
+        }
+    }
+
+    fn on_resv_events(&mut self, events: Vec<ResvEvent>) {
+        for e in events {
+            match e {
+                ResvEvent::Unsupported { reason } => {
+                    tracing::warn!(volume = %self.name, %reason, "reservations: unsupported (disk lease only)");
+                    self.resv = None;
+                    self.resv_holding = false;
+                }
+                ResvEvent::Acquired { preempted } => {
+                    tracing::info!(volume = %self.name, ?preempted, "NVMe reservation held");
+                    self.resv_holding = true;
+                }
+                ResvEvent::Released => self.resv_holding = false,
+                ResvEvent::ReservationLost { reason } => {
+                    tracing::error!(volume = %self.name, ?reason, "NVMe reservation lost: fencing now");
+                    self.resv_holding = false;
+                    self.resv_lost = true;
+                    self.queue
+                        .push_back(Work::Session(session::Input::ReservationLost));
+                }
+                ResvEvent::AcquireFailed { detail } => {
+                    tracing::error!(volume = %self.name, %detail, "NVMe reservation not acquired: fencing now");
+                    self.resv_holding = false;
+                    self.resv_lost = true;
+                    self.queue
+                        .push_back(Work::Session(session::Input::ReservationLost));
+                }
+                ResvEvent::Registered => {
+                    tracing::info!(volume = %self.name, "NVMe reservation key registered")
+                }
+                ResvEvent::CommandFailed { command, detail } => {
+                    tracing::warn!(volume = %self.name, ?command, %detail, "reservation command failed")
+                }
+            }
+        }
+    }
+
+    fn send_event(&self, kind: VolumeEventKind) {
+        let _ = self.events.send(VolumeEvent {
+            volume: self.name.clone(),
+            kind,
+        });
     }
 
     /// Steps the machines until no work is left.
@@ -407,13 +747,34 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
                     self.metrics
                         .takeover(&self.name, t.saturating_duration_since(started));
                 }
-                if self.mmp_clean {
+                let resv = self.resv_become_holder(now, valid_until).await;
+                let failed = resv.iter().find_map(|e| match e {
+                    ResvEvent::AcquireFailed { detail } => Some(detail.clone()),
+                    ResvEvent::ReservationLost { reason } => Some(format!("{reason:?}")),
+                    _ => None,
+                });
+                self.on_resv_events(resv);
+                if let Some(why) = failed {
+                    // No writer starts: the session machine gives the lease back.
+                    self.resv_lost = false;
+                    self.queue
+                        .retain(|w| !matches!(w, Work::Session(session::Input::ReservationLost)));
+                    self.queue
+                        .push_back(Work::Session(session::Input::ReservationRefused { why }));
+                    if let Some(link) = &self.resv {
+                        // Not wanted any more; registered again if need be.
+                        link.send(ResvInput::StepDown);
+                        link.send(ResvInput::Check);
+                    }
+                } else if self.mmp_clean {
                     self.clean_mmp(now, valid_until).await;
                 }
-                LeaseNews::Acquired {
-                    generation,
-                    valid_until,
-                }
+                self.queue
+                    .push_back(Work::Session(session::Input::Lease(LeaseNews::Acquired {
+                        generation,
+                        valid_until,
+                    })));
+                return;
             }
             Event::RenewFailed { valid_until, .. } => {
                 self.metrics.renewal_failed(&self.name);
@@ -462,6 +823,10 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
                     self.queue.push_back(Work::Lease(lease::Input::Acquire));
                 }
                 session::Action::ReleaseLease => {
+                    if let (Some(link), true) = (&self.resv, self.resv_holding) {
+                        link.send(ResvInput::StepDown);
+                        self.resv_holding = false;
+                    }
                     self.queue.push_back(Work::Lease(lease::Input::Release))
                 }
                 session::Action::Fence { deadline, cause } => self.start_fence(deadline, cause),
@@ -602,6 +967,11 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
             }
             Published::Fenced { generation, ok } => {
                 self.fenced = true;
+                if ok && std::mem::take(&mut self.resv_lost) {
+                    if let Some(link) = &self.resv {
+                        link.send(ResvInput::Rejoin);
+                    }
+                }
                 let took = self
                     .fence_started
                     .take()
@@ -722,6 +1092,14 @@ fn lease_state(phase: Phase, fenced: bool) -> LeaseState {
 async fn maybe<F: std::future::Future + Unpin>(f: Option<&mut F>) -> F::Output {
     match f {
         Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Receives from `rx` if there is one; never completes otherwise.
+async fn maybe_recv<T>(rx: Option<&mut mpsc::UnboundedReceiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
 }
