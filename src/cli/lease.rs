@@ -2,7 +2,6 @@
 
 use crate::cli::exit;
 use crate::core::lease::Event;
-use crate::core::params::Params;
 use crate::disk::runner::{check_node_name, LeaseRunner, Outcome};
 use anyhow::Context;
 use std::path::PathBuf;
@@ -35,18 +34,9 @@ pub struct AcquireArgs {
     /// Give up after this many seconds without the lease (default: wait forever).
     #[arg(long, value_name = "SECONDS", allow_negative_numbers = true, value_parser = parse_timeout)]
     pub timeout: Option<Duration>,
-    /// Deadline of every lease read and write, in ms (default: the area's).
-    #[arg(long, env = "BLOCKFENCE_IO_TIMEOUT_MS")]
-    pub io_timeout_ms: Option<u32>,
-    /// Time between renewals, in ms (default: the area's).
-    #[arg(long, env = "BLOCKFENCE_RENEW_INTERVAL_MS")]
-    pub renew_interval_ms: Option<u32>,
-    /// Validity after the start of the last good renewal, in ms (default: the area's).
-    #[arg(long, env = "BLOCKFENCE_LEASE_TIMEOUT_MS")]
-    pub lease_timeout_ms: Option<u32>,
-    /// Time the fence may take after expiry, in ms (default: the area's).
-    #[arg(long, env = "BLOCKFENCE_FENCE_TIMEOUT_MS")]
-    pub fence_timeout_ms: Option<u32>,
+    /// The lease parameters this node records (each defaults to the area's).
+    #[command(flatten)]
+    pub params: crate::daemon::config::ParamOverrides,
     /// Once acquired, mark the ext4 MMP block clean (with a valid checksum) if
     /// it says in use, so that the mount that follows a takeover from a crashed
     /// holder does not wait out the kernel's MMP check (11-22 s). Safe because
@@ -54,17 +44,6 @@ pub struct AcquireArgs {
     /// filesystem is mounted on this node. Prints an `mmp_cleaned` event.
     #[arg(long)]
     pub mmp_clean: bool,
-}
-
-impl AcquireArgs {
-    fn params(&self, area: Params) -> Params {
-        Params {
-            io_timeout_ms: self.io_timeout_ms.unwrap_or(area.io_timeout_ms),
-            renew_interval_ms: self.renew_interval_ms.unwrap_or(area.renew_interval_ms),
-            lease_timeout_ms: self.lease_timeout_ms.unwrap_or(area.lease_timeout_ms),
-            fence_timeout_ms: self.fence_timeout_ms.unwrap_or(area.fence_timeout_ms),
-        }
-    }
 }
 
 pub fn run(command: Command) -> anyhow::Result<u8> {
@@ -95,7 +74,7 @@ fn acquire(args: AcquireArgs) -> anyhow::Result<u8> {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
-    let mut runner = LeaseRunner::open(&args.device, &args.node, |area| args.params(area))?;
+    let mut runner = LeaseRunner::open(&args.device, &args.node, |area| args.params.apply(area))?;
     runner.use_stop_flag(stop);
     let device = args.device.clone();
     let mmp_clean = args.mmp_clean;

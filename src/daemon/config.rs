@@ -125,18 +125,9 @@ pub struct DaemonArgs {
     /// the volume [default: 5000].
     #[arg(long, env = "BLOCKFENCE_HANDOVER_HOLD_OFF_MS")]
     pub handover_hold_off_ms: Option<u64>,
-    /// Deadline of each lease I/O, ms [default: the area's, set by format].
-    #[arg(long, env = "BLOCKFENCE_IO_TIMEOUT_MS")]
-    pub io_timeout_ms: Option<u32>,
-    /// Time between renewals, ms [default: the area's].
-    #[arg(long, env = "BLOCKFENCE_RENEW_INTERVAL_MS")]
-    pub renew_interval_ms: Option<u32>,
-    /// Lease validity after the start of the last good renewal, ms [default: the area's].
-    #[arg(long, env = "BLOCKFENCE_LEASE_TIMEOUT_MS")]
-    pub lease_timeout_ms: Option<u32>,
-    /// Time the fence may take after the lease expired, ms [default: the area's].
-    #[arg(long, env = "BLOCKFENCE_FENCE_TIMEOUT_MS")]
-    pub fence_timeout_ms: Option<u32>,
+    /// The lease parameters this node records (each defaults to the area's).
+    #[command(flatten)]
+    pub params: ParamOverrides,
     /// Where sysfs is (volume ids, path health, the stale-I/O guard)
     /// [default: /sys].
     #[arg(long, env = "BLOCKFENCE_SYSFS_ROOT")]
@@ -178,12 +169,21 @@ struct FileConfig {
     stale_io_policy: Option<String>,
 }
 
-/// Lease parameters given to the daemon; each `None` takes the area's value.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Lease parameters given on the command line (`blockfence daemon`, `lease
+/// acquire`); each `None` takes the value the area records.
+#[derive(clap::Args, Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ParamOverrides {
+    /// Deadline of each lease I/O, ms [default: the area's, set by format].
+    #[arg(long, env = "BLOCKFENCE_IO_TIMEOUT_MS")]
     pub io_timeout_ms: Option<u32>,
+    /// Time between renewals, ms [default: the area's].
+    #[arg(long, env = "BLOCKFENCE_RENEW_INTERVAL_MS")]
     pub renew_interval_ms: Option<u32>,
+    /// Lease validity after the start of the last good renewal, ms [default: the area's].
+    #[arg(long, env = "BLOCKFENCE_LEASE_TIMEOUT_MS")]
     pub lease_timeout_ms: Option<u32>,
+    /// Time the fence may take after the lease expired, ms [default: the area's].
+    #[arg(long, env = "BLOCKFENCE_FENCE_TIMEOUT_MS")]
     pub fence_timeout_ms: Option<u32>,
 }
 
@@ -329,10 +329,10 @@ impl DaemonArgs {
                 .or(file.handover_hold_off_ms)
                 .unwrap_or(DEFAULT_HANDOVER_HOLD_OFF_MS)),
             params: ParamOverrides {
-                io_timeout_ms: self.io_timeout_ms.or(file.io_timeout_ms),
-                renew_interval_ms: self.renew_interval_ms.or(file.renew_interval_ms),
-                lease_timeout_ms: self.lease_timeout_ms.or(file.lease_timeout_ms),
-                fence_timeout_ms: self.fence_timeout_ms.or(file.fence_timeout_ms),
+                io_timeout_ms: self.params.io_timeout_ms.or(file.io_timeout_ms),
+                renew_interval_ms: self.params.renew_interval_ms.or(file.renew_interval_ms),
+                lease_timeout_ms: self.params.lease_timeout_ms.or(file.lease_timeout_ms),
+                fence_timeout_ms: self.params.fence_timeout_ms.or(file.fence_timeout_ms),
             },
         })
     }
