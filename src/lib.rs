@@ -29,7 +29,8 @@
 //!   that owns the lease state; [`api::fake`] is an in-memory backend.
 //! - [`daemon`]: `blockfence daemon`: one task per volume around its lease
 //!   and session machines, the API's real backend, fences, the watchdog
-//!   feeder, configuration.
+//!   feeder, configuration, and the device layer's events and reservations
+//!   fed to the volumes ([`daemon::devices`]).
 //! - [`client`]: a typed client of the API (used by `blockfence run`).
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`device`]: NVMe/block device discovery (sysfs, udev/uevents), path
