@@ -14,24 +14,22 @@
 
 mod common;
 
-use blockfence::api::{VolumeEvent, VolumeEventKind};
+use blockfence::api::VolumeEventKind;
 use blockfence::daemon::config::{DaemonConfig, ParamOverrides, VolumeSpec};
 use blockfence::daemon::Daemon;
 use blockfence::fence::fake::{Behavior, RecordingOps};
+use common::daemon_kit::{format_for_two, http, http_text, next_event, Loop, BIN};
 use common::{
     is_mountpoint, require_root_loop, require_root_loop_fuse, run_ok, Mode, NodePath, Scratch,
     SharedImage,
 };
 use serde_json::Value;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_blockfence");
 const IMAGE_SIZE: u64 = 64 << 20;
 
 /// Short parameters: host_dead = (1000 + 500 + 200) x 1.01/0.99 -> 1.8 s.
@@ -54,44 +52,6 @@ impl Drop for MountDir {
     }
 }
 
-/// A loop device over an image, detached on drop.
-struct Loop(PathBuf);
-
-impl Loop {
-    fn attach(image: &Path) -> Loop {
-        let out = run_ok(
-            "losetup",
-            &[
-                "--direct-io=on",
-                "-f",
-                "--show",
-                image.to_str().expect("utf-8"),
-            ],
-        )
-        .expect("losetup");
-        Loop(PathBuf::from(out.stdout.trim()))
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = run_ok("losetup", &["-d", self.0.to_str().expect("utf-8")]);
-    }
-}
-
-fn format(device: &Path) {
-    let out = Command::new(BIN)
-        .args(["format", "--force", "--node", "node-a", "--node", "node-b"])
-        .arg(device)
-        .output()
-        .expect("run format");
-    assert!(
-        out.status.success(),
-        "format: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn config(node: &str, socket: &Path, device: &Path) -> DaemonConfig {
     DaemonConfig {
         node_name: node.into(),
@@ -111,12 +71,6 @@ fn config(node: &str, socket: &Path, device: &Path) -> DaemonConfig {
     }
 }
 
-/// One HTTP/1.1 request over a Unix socket: (status, JSON body).
-fn http(socket: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let (status, text) = http_text(socket, method, path, body);
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
-
 /// The sum of every sample of metric `name` (any labels) in `/metrics`.
 fn metric(socket: &Path, name: &str) -> f64 {
     let (status, text) = http_text(socket, "GET", "/metrics", None);
@@ -125,31 +79,6 @@ fn metric(socket: &Path, name: &str) -> f64 {
         .filter(|l| l.split(['{', ' ']).next() == Some(name))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-/// One HTTP/1.1 request over a Unix socket: (status, body text).
-fn http_text(socket: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, String) {
-    let mut s = UnixStream::connect(socket).expect("connect to the daemon");
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("send");
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("read");
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status line");
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
 }
 
 fn acquire(socket: &Path, holder: &str, timeout_s: f64) -> (u16, Value) {
@@ -201,25 +130,6 @@ fn mount(device: &Path, dir: &Path) -> MountDir {
     MountDir(dir.to_path_buf())
 }
 
-/// Waits for the first event matching `pick`, with a generous bound.
-async fn next_event(
-    rx: &mut tokio::sync::broadcast::Receiver<VolumeEvent>,
-    pick: impl Fn(&VolumeEventKind) -> bool,
-) -> (Instant, VolumeEventKind) {
-    let wait = async {
-        loop {
-            match rx.recv().await {
-                Ok(e) if pick(&e.kind) => return (Instant::now(), e.kind),
-                Ok(_) => {}
-                Err(e) => panic!("event stream: {e}"),
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(30), wait)
-        .await
-        .expect("the event within 30 s")
-}
-
 /// Two simulated nodes on plain loop devices over one formatted image, with
 /// their API sockets' paths.
 struct Pair {
@@ -235,7 +145,7 @@ impl Pair {
         let scratch = Scratch::new(name);
         let image = scratch.image("shared.img", IMAGE_SIZE);
         let (la, lb) = (Loop::attach(&image), Loop::attach(&image));
-        format(&la.0);
+        format_for_two(&la.0);
         let (sa, sb) = (scratch.path().join("a.sock"), scratch.path().join("b.sock"));
         Pair {
             scratch,
@@ -423,7 +333,7 @@ async fn a_lost_lease_is_fenced_before_the_peer_takes_over() {
         NodePath::new(&image, "node-a").expect("path a"),
         NodePath::new(&image, "node-b").expect("path b"),
     );
-    format(pa.device());
+    format_for_two(pa.device());
     let (sa, sb) = (scratch.path().join("a.sock"), scratch.path().join("b.sock"));
     let a = Daemon::start(config("node-a", &sa, pa.device()))
         .await

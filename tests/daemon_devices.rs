@@ -17,6 +17,8 @@
 
 mod common;
 
+use common::daemon_kit::{format_for_two, http, next_event, Loop};
+
 use blockfence::api::{VolumeEvent, VolumeEventKind};
 use blockfence::core::reservation::{Input as ResvInput, Key, Reservation, ResvStatus, ResvType};
 use blockfence::daemon::config::{DaemonConfig, DeviceOptions, ParamOverrides, Policy, VolumeSpec};
@@ -30,14 +32,10 @@ use blockfence::nvme::reservation::{key_for_node, AcquireAction, RegisterAction,
 use blockfence::nvme::NvmeError;
 use common::{require_root_loop, run_ok, Scratch};
 use serde_json::Value;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_blockfence");
 const IMAGE_SIZE: u64 = 64 << 20;
 /// The id of the fixtures' namespace nvme0n1.
 const NS_ID: &str = "eui.00a0b1c2d3e4f501";
@@ -51,31 +49,6 @@ const PARAMS: ParamOverrides = ParamOverrides {
     lease_timeout_ms: Some(3_000),
     fence_timeout_ms: Some(3_000),
 };
-
-/// A loop device over an image, detached on drop.
-struct Loop(PathBuf);
-
-impl Loop {
-    fn attach(image: &Path) -> Loop {
-        let out = run_ok(
-            "losetup",
-            &[
-                "--direct-io=on",
-                "-f",
-                "--show",
-                image.to_str().expect("utf-8"),
-            ],
-        )
-        .expect("losetup");
-        Loop(PathBuf::from(out.stdout.trim()))
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = run_ok("losetup", &["-d", self.0.to_str().expect("utf-8")]);
-    }
-}
 
 /// A formatted loop device and, for NVMe cases, a copy of a sysfs fixture
 /// with a dev dir whose `nvme0n1` is the loop device.
@@ -91,16 +64,7 @@ impl Setup {
         let scratch = Scratch::new(prefix);
         let image = scratch.image("shared.img", IMAGE_SIZE);
         let dev = Loop::attach(&image);
-        let out = Command::new(BIN)
-            .args(["format", "--force", "--node", "node-a", "--node", "node-b"])
-            .arg(&dev.0)
-            .output()
-            .expect("run format");
-        assert!(
-            out.status.success(),
-            "format: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        format_for_two(&dev.0);
         let (sysfs, dev_dir) = match fixture {
             Some(case) => {
                 let from = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -247,30 +211,6 @@ async fn start_opener(cfg: DaemonConfig, ns: &FakeNamespace, refuse: bool) -> Da
 }
 
 /// One HTTP/1.1 request over a Unix socket: (status, JSON body).
-fn http(socket: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut s = UnixStream::connect(socket).expect("connect to the daemon");
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("send");
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("read");
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status line");
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
-}
-
 async fn acquire(socket: &Path, holder: &str) -> (u16, Value) {
     let (socket, holder) = (socket.to_path_buf(), holder.to_string());
     tokio::task::spawn_blocking(move || {
@@ -299,28 +239,12 @@ async fn release(socket: &Path, session: &str) -> (u16, Value) {
     .expect("no panic")
 }
 
-/// The first event matching `pick`, with a generous bound.
-async fn next_event(
-    rx: &mut tokio::sync::broadcast::Receiver<VolumeEvent>,
-    pick: impl Fn(&VolumeEventKind) -> bool,
-) -> VolumeEventKind {
-    let wait = async {
-        loop {
-            match rx.recv().await {
-                Ok(e) if pick(&e.kind) => return e.kind,
-                Ok(_) => {}
-                Err(e) => panic!("event stream: {e}"),
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(30), wait)
-        .await
-        .expect("the event within 30 s")
-}
-
 /// The reason of the next Fencing event.
 async fn fencing_reason(rx: &mut tokio::sync::broadcast::Receiver<VolumeEvent>) -> String {
-    match next_event(rx, |k| matches!(k, VolumeEventKind::Fencing { .. })).await {
+    match next_event(rx, |k| matches!(k, VolumeEventKind::Fencing { .. }))
+        .await
+        .1
+    {
         VolumeEventKind::Fencing { reason, .. } => reason,
         _ => unreachable!("picked above"),
     }
@@ -348,13 +272,16 @@ async fn an_nvme_volume_by_id_that_loses_its_last_path_is_fenced_at_once() {
     let lost = next_event(&mut events, |k| {
         matches!(k, VolumeEventKind::PathLost { .. })
     })
-    .await;
+    .await
+    .1;
     assert!(
         matches!(&lost, VolumeEventKind::PathLost { reason } if reason.contains("nvme0n1")),
         "{lost:?}"
     );
     assert_eq!(fencing_reason(&mut events).await, "path_lost");
-    let ended = next_event(&mut events, |k| matches!(k, VolumeEventKind::Fenced { .. })).await;
+    let ended = next_event(&mut events, |k| matches!(k, VolumeEventKind::Fenced { .. }))
+        .await
+        .1;
     assert!(matches!(ended, VolumeEventKind::Fenced { ok: true, .. }));
     // Nothing is granted while the path is lost, and the refusal says why.
     let (status, body) = acquire(&s.socket(), "pg-1").await;
@@ -449,7 +376,8 @@ async fn the_stale_io_guard_refuses_an_unsafe_namespace_with_the_fix() {
     let warned = next_event(&mut events, |k| {
         matches!(k, VolumeEventKind::StaleIoWarning { .. })
     })
-    .await;
+    .await
+    .1;
     assert!(
         matches!(&warned, VolumeEventKind::StaleIoWarning { fixes } if fixes.contains("budget")),
         "{warned:?}"
@@ -496,7 +424,9 @@ async fn a_preempted_reservation_fences_the_holder_at_once() {
     assert_eq!(ns.status().holder_key(), Some(key_for_node("node-b")));
     // The next check (every renew interval) sees it: fenced for that.
     assert_eq!(fencing_reason(&mut events).await, "reservation_lost");
-    let ended = next_event(&mut events, |k| matches!(k, VolumeEventKind::Fenced { .. })).await;
+    let ended = next_event(&mut events, |k| matches!(k, VolumeEventKind::Fenced { .. }))
+        .await
+        .1;
     assert!(matches!(ended, VolumeEventKind::Fenced { ok: true, .. }));
     let (status, body) = tokio::task::spawn_blocking({
         let (sock, sess) = (s.socket(), grant["session"].as_str().unwrap().to_string());
@@ -540,7 +470,8 @@ async fn a_reservation_that_cannot_be_taken_starts_no_writer() {
             VolumeEventKind::Released { .. } | VolumeEventKind::Granted { .. }
         )
     })
-    .await;
+    .await
+    .1;
     assert!(
         matches!(first, VolumeEventKind::Released { .. }),
         "{first:?}"

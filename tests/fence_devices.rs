@@ -13,6 +13,8 @@
 
 mod common;
 
+use common::daemon_kit::Loop;
+
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -35,31 +37,6 @@ const CHUNK: usize = 1 << 20;
 const FENCE_BUDGET: Duration = Duration::from_secs(3);
 /// How long after the fence the device is watched for late writes.
 const LATE_WRITE_WINDOW: Duration = Duration::from_millis(500);
-
-/// A loop device, detached on drop.
-struct Loop(PathBuf);
-
-impl Loop {
-    fn attach(image: &Path) -> std::io::Result<Loop> {
-        let image = image.to_str().expect("temp paths are UTF-8");
-        let out = run_ok("losetup", &["--direct-io=on", "-f", "--show", image])?;
-        Ok(Loop(PathBuf::from(out.stdout.trim())))
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-
-    fn arg(&self) -> &str {
-        self.0.to_str().expect("device paths are UTF-8")
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = run_ok("losetup", &["-d", self.arg()]);
-    }
-}
 
 /// A mount point; lazily unmounted on drop if the test left it mounted.
 struct MountDir(tempfile::TempDir);
@@ -143,8 +120,8 @@ fn fence_stops_every_writer_on_a_loop_mount() {
         return;
     }
     let image = SharedImage::create(IMAGE_SIZE).unwrap();
-    let a = Loop::attach(image.path()).unwrap();
-    let b = Loop::attach(image.path()).unwrap();
+    let a = Loop::attach(image.path());
+    let b = Loop::attach(image.path());
     run_ok("mkfs.ext4", &["-q", "-F", "-b", "4096", a.arg()]).unwrap();
     let mnt = MountDir(
         tempfile::Builder::new()

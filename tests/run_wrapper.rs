@@ -16,6 +16,8 @@
 
 mod common;
 
+use common::daemon_kit::Loop;
+
 use blockfence::api::{StopReason, VolumeState};
 use common::api_server::TestApi;
 use common::{process_state, require_root_loop, run_ok, run_with_timeout, AlignedBuf, SharedImage};
@@ -25,7 +27,7 @@ use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -52,31 +54,6 @@ const WRITER: &str = "cd \"$1\" || exit 99; echo \"pid $$\"; i=0; echo started; 
 const NAMESPACE_SH: &str = "\"$@\" & pid=$!; echo \"wrapper $pid\"; wait $pid; rc=$?; \
      if grep -q \" $BF_MNT \" /proc/self/mountinfo; then echo still-mounted; fi; \
      echo \"exit $rc\"; exit $rc";
-
-/// A loop device, detached on drop.
-struct Loop(PathBuf);
-
-impl Loop {
-    fn attach(image: &Path) -> Loop {
-        let image = image.to_str().expect("temp paths are UTF-8");
-        let out = run_ok("losetup", &["--direct-io=on", "-f", "--show", image]).expect("losetup");
-        Loop(PathBuf::from(out.stdout.trim()))
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-
-    fn arg(&self) -> &str {
-        self.0.to_str().expect("device paths are UTF-8")
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = run_ok("losetup", &["-d", self.arg()]);
-    }
-}
 
 /// An image with two loop devices: `a` is granted, `b` is for reading back.
 struct Volume {

@@ -29,6 +29,7 @@
 #![allow(dead_code)]
 
 pub mod api_server;
+pub mod daemon_kit;
 
 use std::fmt;
 use std::fs::{File, OpenOptions};

@@ -1,0 +1,106 @@
+//! Pieces the daemon, device and wrapper tests share: loop devices over an
+//! image, `blockfence format`, one HTTP/1.1 request over the API's Unix
+//! socket, and waiting for a volume event.
+
+use super::run_ok;
+use blockfence::api::{VolumeEvent, VolumeEventKind};
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// The blockfence binary.
+pub const BIN: &str = env!("CARGO_BIN_EXE_blockfence");
+
+/// A loop device (`--direct-io=on`) over an image, detached on drop.
+pub struct Loop(pub PathBuf);
+
+impl Loop {
+    /// Attaches a new loop device to `image`.
+    pub fn attach(image: &Path) -> Loop {
+        let image = image.to_str().expect("temp paths are UTF-8");
+        let out = run_ok("losetup", &["--direct-io=on", "-f", "--show", image]).expect("losetup");
+        Loop(PathBuf::from(out.stdout.trim()))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn arg(&self) -> &str {
+        self.0.to_str().expect("device paths are UTF-8")
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = run_ok("losetup", &["-d", self.arg()]);
+    }
+}
+
+/// `blockfence format --force` with slots reserved for node-a and node-b.
+pub fn format_for_two(device: &Path) {
+    let out = Command::new(BIN)
+        .args(["format", "--force", "--node", "node-a", "--node", "node-b"])
+        .arg(device)
+        .output()
+        .expect("run format");
+    assert!(
+        out.status.success(),
+        "format: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One HTTP/1.1 request over a Unix socket: (status, JSON body or Null).
+pub fn http(socket: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let (status, text) = http_text(socket, method, path, body);
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// One HTTP/1.1 request over a Unix socket: (status, body text).
+pub fn http_text(socket: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, String) {
+    let mut s = UnixStream::connect(socket).expect("connect to the daemon");
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read");
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Waits for the first event matching `pick` (30 s at most): when it came,
+/// and what it was.
+pub async fn next_event(
+    rx: &mut tokio::sync::broadcast::Receiver<VolumeEvent>,
+    pick: impl Fn(&VolumeEventKind) -> bool,
+) -> (Instant, VolumeEventKind) {
+    let wait = async {
+        loop {
+            match rx.recv().await {
+                Ok(e) if pick(&e.kind) => return (Instant::now(), e.kind),
+                Ok(_) => {}
+                Err(e) => panic!("event stream: {e}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), wait)
+        .await
+        .expect("the event within 30 s")
+}
