@@ -300,6 +300,21 @@ fn start_writing(w: &mut Wrapper, b: &Path) -> i32 {
     pid
 }
 
+/// The wrapper fenced (exit 4, for `why`): the command is dead, the volume
+/// unmounted, and nothing more reaches the device.
+fn assert_fenced(f: &Finished, why: &str, pid: i32, readback: &Path) {
+    assert_eq!(f.code, 4, "{f:?}");
+    assert!(f.stderr.contains(why), "{f:?}");
+    assert!(
+        f.stderr
+            .contains("fenced: command killed, filesystem shut down"),
+        "{f:?}"
+    );
+    assert!(!f.still_mounted, "{f:?}");
+    assert!(dead(pid), "the command {pid} still runs");
+    assert_device_quiet(readback);
+}
+
 #[test]
 fn the_command_runs_on_the_volume_and_its_status_is_the_exit_code() {
     if !require_root_loop() {
@@ -371,16 +386,7 @@ fn a_session_ended_410_is_fenced() {
     let pid = start_writing(&mut w, vol.b.path());
     api.set(|k| k.session_ended = true);
     let f = w.finish();
-    assert_eq!(f.code, 4, "{f:?}");
-    assert!(f.stderr.contains("session_ended"), "{f:?}");
-    assert!(
-        f.stderr
-            .contains("fenced: command killed, filesystem shut down"),
-        "{f:?}"
-    );
-    assert!(!f.still_mounted, "{f:?}");
-    assert!(dead(pid), "the command {pid} still runs");
-    assert_device_quiet(vol.b.path());
+    assert_fenced(&f, "session_ended", pid, vol.b.path());
 }
 
 #[test]
@@ -403,16 +409,7 @@ fn a_silent_daemon_is_fenced_when_the_grant_runs_out() {
     assert!(!dead(pid));
     api.set(|k| k.silent = true);
     let f = w.finish();
-    assert_eq!(f.code, 4, "{f:?}");
-    assert!(f.stderr.contains("no keepalive answer in time"), "{f:?}");
-    assert!(
-        f.stderr
-            .contains("fenced: command killed, filesystem shut down"),
-        "{f:?}"
-    );
-    assert!(!f.still_mounted, "{f:?}");
-    assert!(dead(pid), "the command {pid} still runs");
-    assert_device_quiet(vol.b.path());
+    assert_fenced(&f, "no keepalive answer in time", pid, vol.b.path());
 }
 
 #[test]
