@@ -355,3 +355,33 @@ pub enum Command {
         reply: Reply<VolumeStatus>,
     },
 }
+
+impl Command {
+    /// The volume the command names, if it names one (keepalive names a
+    /// session only; list names none).
+    pub fn volume(&self) -> Option<&str> {
+        match self {
+            Command::GetVolume { volume, .. }
+            | Command::Acquire { volume, .. }
+            | Command::Release { volume, .. }
+            | Command::Subscribe { volume, .. }
+            | Command::Handover { volume, .. } => Some(volume),
+            Command::ListVolumes { .. } | Command::Keepalive { .. } => None,
+        }
+    }
+
+    /// Answers the command with `error`.
+    pub fn fail(self, error: ApiError) {
+        // A dropped receiver (the client left) needs no answer.
+        match self {
+            Command::ListVolumes { reply } => drop(reply.send(Err(error))),
+            Command::GetVolume { reply, .. }
+            | Command::Release { reply, .. }
+            | Command::Handover { reply, .. } => drop(reply.send(Err(error))),
+            Command::Acquire { reply, .. } | Command::Keepalive { reply, .. } => {
+                drop(reply.send(Err(error)))
+            }
+            Command::Subscribe { reply, .. } => drop(reply.send(Err(error))),
+        }
+    }
+}

@@ -642,16 +642,12 @@ async fn dispatch(mut rx: mpsc::Receiver<Command>, handles: Vec<VolumeHandle>) {
                 )
             }
             c @ (Command::Acquire { .. } | Command::Handover { .. }) => {
-                let volume = match &c {
-                    Command::Acquire { volume, .. } | Command::Handover { volume, .. } => {
-                        volume.clone()
-                    }
-                    _ => unreachable!("matched above"),
-                };
-                match find(&volume) {
+                let volume = c.volume().unwrap_or_default();
+                match find(volume) {
                     Some(h) => (h, c),
                     None => {
-                        reply_unknown(c, &volume);
+                        let e = ApiError::unknown_volume(volume);
+                        c.fail(e);
                         continue;
                     }
                 }
@@ -660,7 +656,9 @@ async fn dispatch(mut rx: mpsc::Receiver<Command>, handles: Vec<VolumeHandle>) {
         // A full queue waits: the router's own timeout answers 503 if needed.
         if let Err(e) = target.commands.send(VolumeCmd::Api(command)).await {
             if let VolumeCmd::Api(c) = e.0 {
-                reply_unavailable(c);
+                c.fail(ApiError::unavailable(
+                    "the volume's task has stopped (the daemon is stopping)",
+                ));
             }
         }
     }
@@ -671,32 +669,6 @@ fn session_volume<'a>(session: &str, handles: &'a [VolumeHandle]) -> Option<&'a 
     let (index, _) = session.split_once('-')?;
     let index = usize::from_str_radix(index, 16).ok()?;
     handles.get(index)
-}
-
-fn reply_unknown(c: Command, volume: &str) {
-    let e = ApiError::unknown_volume(volume);
-    match c {
-        Command::Acquire { reply, .. } => {
-            let _ = reply.send(Err(e));
-        }
-        Command::Handover { reply, .. } => {
-            let _ = reply.send(Err(e));
-        }
-        _ => {}
-    }
-}
-
-fn reply_unavailable(c: Command) {
-    let e = || ApiError::unavailable("the volume's task has stopped (the daemon is stopping)");
-    match c {
-        Command::Acquire { reply, .. } | Command::Keepalive { reply, .. } => {
-            let _ = reply.send(Err(e()));
-        }
-        Command::Release { reply, .. } | Command::Handover { reply, .. } => {
-            let _ = reply.send(Err(e()));
-        }
-        _ => {}
-    }
 }
 
 /// Feeds the watchdog every [`FEED_INTERVAL`] while the policy allows;

@@ -173,16 +173,7 @@ pub fn drive(machine: &mut Reservation, ops: &mut dyn ReservationOps, input: Inp
     while let Some(action) = pending.pop_front() {
         match action {
             Action::Probe => {
-                let input = match ops.support() {
-                    Ok(s) => Input::Probed {
-                        supported: s.write_exclusive(),
-                        reason: s.reason().unwrap_or_default(),
-                    },
-                    Err(e) => Input::Probed {
-                        supported: false,
-                        reason: format!("cannot identify the namespace: {e}"),
-                    },
-                };
+                let input = probe(ops);
                 pending.extend(machine.step(input));
             }
             Action::Send(command) => {
@@ -216,7 +207,13 @@ pub fn drive(machine: &mut Reservation, ops: &mut dyn ReservationOps, input: Inp
 pub fn start(machine: &mut Reservation, ops: &mut dyn ReservationOps) -> Vec<Event> {
     // `start` only ever asks to probe; feed the probe through `drive`.
     debug_assert_eq!(machine.start(), vec![Action::Probe]);
-    let input = match ops.support() {
+    let input = probe(ops);
+    drive(machine, ops, input)
+}
+
+/// Identifies the namespace: whether it supports Write Exclusive reservations.
+fn probe(ops: &mut dyn ReservationOps) -> Input {
+    match ops.support() {
         Ok(s) => Input::Probed {
             supported: s.write_exclusive(),
             reason: s.reason().unwrap_or_default(),
@@ -225,8 +222,7 @@ pub fn start(machine: &mut Reservation, ops: &mut dyn ReservationOps) -> Vec<Eve
             supported: false,
             reason: format!("cannot identify the namespace: {e}"),
         },
-    };
-    drive(machine, ops, input)
+    }
 }
 
 /// Support of a namespace device, for `doctor`: opens it and sends Identify.
