@@ -23,7 +23,7 @@ use crate::api::{
     ApiError, Command, ErrorCode, FenceState, Grant, StopReason, VolumeEvent, VolumeEventKind,
     VolumeState, VolumeStatus, REQUIRED_MOUNT_OPTIONS,
 };
-use crate::core::lease::{self, Event, Identity, IoFailure, Layout, LeaseMachine, Millis};
+use crate::core::lease::{self, Event, Identity, Layout, LeaseMachine, Millis};
 use crate::core::params::Params;
 use crate::core::reservation::{Event as ResvEvent, Input as ResvInput};
 use crate::core::session::{
@@ -36,7 +36,7 @@ use crate::daemon::mounts::fence_device;
 use crate::device::guard::{self, Decision, Policy};
 use crate::disk::error::DiskError;
 use crate::disk::store::BlockStore;
-use crate::disk::worker::{IoWorker, Reply as IoReply, Request};
+use crate::disk::worker::{lease_input, IoWorker, Reply as IoReply, Request, Waited};
 use crate::fence::FenceOps;
 use crate::metrics::{LeaseState, Metrics};
 use std::collections::{HashMap, VecDeque};
@@ -1059,19 +1059,12 @@ fn io_input(
     res: Result<Result<IoReply, DiskError>, oneshot::error::RecvError>,
     is_read: bool,
 ) -> lease::Input {
-    let failed = |e: String| {
-        if is_read {
-            lease::Input::ReadDone(Err(IoFailure(e)))
-        } else {
-            lease::Input::WriteDone(Err(IoFailure(e)))
-        }
+    let outcome = match res {
+        Ok(Ok(reply)) => Ok(reply),
+        Ok(Err(e)) => Err(Waited::Failed(e).to_string()),
+        Err(_) => Err(Waited::WorkerGone.to_string()),
     };
-    match res {
-        Ok(Ok(IoReply::Read(blocks))) => lease::Input::ReadDone(Ok(blocks)),
-        Ok(Ok(IoReply::Written)) => lease::Input::WriteDone(Ok(())),
-        Ok(Err(e)) => failed(format!("lease I/O failed: {e}")),
-        Err(_) => failed("the lease I/O worker thread died".into()),
-    }
+    lease_input(outcome, is_read)
 }
 
 /// The metrics' lease state of a volume in `phase`.

@@ -11,13 +11,13 @@
 //! The runner decides nothing about the lease: every decision is in
 //! `core::lease`.
 
-use crate::core::lease::{Action, Event, Identity, Input, IoFailure, Layout, LeaseMachine};
+use crate::core::lease::{Action, Event, Identity, Input, Layout, LeaseMachine};
 use crate::core::params::Params;
 use crate::disk::area::open_area;
 use crate::disk::blockdev::{Access, BlockDevice};
 use crate::disk::error::DiskError;
 use crate::disk::store::{AreaStore, BlockStore};
-use crate::disk::worker::{IoWorker, Reply, Request, Ticket, Waited};
+use crate::disk::worker::{lease_input, IoWorker, Request, Ticket, Waited};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -271,21 +271,14 @@ impl LeaseRunner {
             std::thread::sleep(wait);
             return None;
         };
-        let failure = |e: String| {
-            if is_read {
-                Input::ReadDone(Err(IoFailure(e)))
-            } else {
-                Input::WriteDone(Err(IoFailure(e)))
-            }
-        };
-        Some(match ticket.wait_until(Instant::now() + wait) {
-            Ok(Reply::Read(blocks)) => Input::ReadDone(Ok(blocks)),
-            Ok(Reply::Written) => Input::WriteDone(Ok(())),
+        let outcome = match ticket.wait_until(Instant::now() + wait) {
             Err(Waited::TimedOut(ticket)) => {
                 self.pending = Some((ticket, is_read));
                 return None;
             }
-            Err(e @ (Waited::Failed(_) | Waited::WorkerGone)) => failure(e.to_string()),
-        })
+            Ok(reply) => Ok(reply),
+            Err(e) => Err(e.to_string()),
+        };
+        Some(lease_input(outcome, is_read))
     }
 }

@@ -143,6 +143,18 @@ impl Ticket {
     }
 }
 
+/// The lease machine's input for a finished request: its reply, or why it
+/// failed (`Waited`'s words), as a read or a write completion.
+pub fn lease_input(outcome: Result<Reply, String>, is_read: bool) -> crate::core::lease::Input {
+    use crate::core::lease::{Input, IoFailure};
+    match outcome {
+        Ok(Reply::Read(blocks)) => Input::ReadDone(Ok(blocks)),
+        Ok(Reply::Written) => Input::WriteDone(Ok(())),
+        Err(e) if is_read => Input::ReadDone(Err(IoFailure(e))),
+        Err(e) => Input::WriteDone(Err(IoFailure(e))),
+    }
+}
+
 fn kind_of(req: &Request) -> &'static str {
     match req {
         Request::Read { .. } => "read",
