@@ -183,11 +183,27 @@ fn bf<S: AsRef<OsStr>>(args: &[S]) -> CmdOutput {
     run_with_timeout(Command::new(BIN).args(args), CMD_TIMEOUT).expect("run blockfence")
 }
 
-/// `blockfence ARGS` as user nobody (root keeps no capability across runuser).
-fn bf_as_nobody<S: AsRef<OsStr>>(args: &[S]) -> CmdOutput {
+/// A copy of the binary that user nobody can run, in a directory of its own
+/// under /tmp: the build's own directory may be unreachable for nobody (a
+/// checkout under a mode-0700 directory).
+fn binary_for_nobody() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("blockfence-nobody-")
+        .tempdir_in("/tmp")
+        .expect("temp dir under /tmp");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::copy(BIN, dir.path().join("blockfence")).expect("copy the binary");
+    dir
+}
+
+/// `blockfence ARGS` as user nobody (root keeps no capability across
+/// runuser), running the copy in `bin_dir` ([`binary_for_nobody`]).
+fn bf_as_nobody<S: AsRef<OsStr>>(bin_dir: &Path, args: &[S]) -> CmdOutput {
     run_with_timeout(
         Command::new("runuser")
-            .args(["-u", "nobody", "--", BIN])
+            .args(["-u", "nobody", "--"])
+            .arg(bin_dir.join("blockfence"))
             .args(args),
         CMD_TIMEOUT,
     )
@@ -845,6 +861,7 @@ fn without_permission_every_command_says_so() {
         meta.mode()
     );
     let dev = lp.dev.to_string_lossy().into_owned();
+    let bin = binary_for_nobody();
     for cmd in [
         vec!["inspect", &dev],
         vec!["format", &dev, "--force"],
@@ -853,7 +870,7 @@ fn without_permission_every_command_says_so() {
     ] {
         refused(
             &format!("nobody: {cmd:?}"),
-            &bf_as_nobody(&cmd),
+            &bf_as_nobody(bin.path(), &cmd),
             &["permission denied", &dev, "root"],
         );
     }
