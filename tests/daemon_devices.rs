@@ -368,11 +368,34 @@ async fn the_stale_io_guard_refuses_an_unsafe_namespace_with_the_fix() {
     assert_ne!(written.trim(), "off", "fast_io_fail_tmo was not set");
     assert_eq!(status, 503, "{body}");
     d.shutdown().await.expect("stops");
-    // warn: granted anyway, and said so.
+    // warn, without reservations: nothing would make the target refuse this
+    // node's queued writes after a takeover, so nothing is granted.
+    let d = start(s.config(NS_ID, Policy::Warn), &ns).await;
+    let (status, body) = acquire(&s.socket(), "pg-0").await;
+    assert_eq!(status, 503, "{body}");
+    let msg = body["message"].as_str().unwrap();
+    assert!(msg.contains("reservations"), "{msg}");
+    d.shutdown().await.expect("stops");
+    // warn, with reservations: granted, and said so (once the key is
+    // registered, which has no API event: the acquire is retried).
+    let ns = FakeNamespace::new(true);
     let d = start(s.config(NS_ID, Policy::Warn), &ns).await;
     let mut events = d.subscribe("pg").unwrap();
-    let (status, body) = acquire(&s.socket(), "pg-0").await;
-    assert_eq!(status, 200, "{body}");
+    let mut granted = None;
+    for _ in 0..50 {
+        let (status, body) = acquire(&s.socket(), "pg-0").await;
+        if status == 200 {
+            granted = Some(body);
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            body["message"].as_str().unwrap().contains("try again"),
+            "{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let body = granted.expect("granted once the reservation key is registered");
     let warned = next_event(&mut events, |k| {
         matches!(k, VolumeEventKind::StaleIoWarning { .. })
     })

@@ -193,6 +193,10 @@ enum Op {
     VerifyRead,
     OwnerWrite,
     OwnerWriteB,
+    /// The read after both owner copies are written: the claim must still
+    /// stand (own slot intact, no live contender, no newer generation, no
+    /// other holder in the owner record) before `Acquired`.
+    ConfirmRead,
     RenewWrite,
     OwnerCheck,
     WithdrawWrite,
@@ -573,16 +577,9 @@ impl LeaseMachine {
                 if self.mode != Mode::Seeking {
                     return;
                 }
-                let valid_until = self.claim_issued + self.me.params.lease_timeout_ms as u64;
-                if ok && now < valid_until && self.want {
-                    self.mode = Mode::Holding;
-                    self.valid_until = valid_until;
-                    self.next_renew = self.claim_issued + self.me.params.renew_interval_ms as u64;
-                    self.backoff_round = 0;
-                    out.push(Action::Emit(Event::Acquired {
-                        generation: self.generation,
-                        valid_until,
-                    }));
+                if ok && self.want {
+                    let read = self.read_all();
+                    self.issue(now, Op::ConfirmRead, read, out);
                 } else {
                     self.withdraw(now, out);
                 }
@@ -621,8 +618,7 @@ impl LeaseMachine {
                     self.backoff(now);
                 }
             }
-            Op::ReleaseOwnerWrite => {
-                self.release_clean &= ok;
+            Op::ReleaseOwnerWrite if ok => {
                 self.write_owner(
                     now,
                     Op::ReleaseOwnerWriteB,
@@ -630,6 +626,13 @@ impl LeaseMachine {
                     OwnerState::Released,
                     out,
                 );
+            }
+            Op::ReleaseOwnerWrite => {
+                // Copy A may be torn: leave copy B alone, so that it still
+                // carries this generation (one failing path must never damage
+                // both copies), and say released in the slot only.
+                self.release_clean = false;
+                self.write_slot(now, Op::ReleaseSlotWrite, SlotState::Released, out);
             }
             Op::ReleaseOwnerWriteB => {
                 self.release_clean &= ok;
@@ -647,7 +650,7 @@ impl LeaseMachine {
                     self.mode = Mode::Idle;
                 }
             }
-            Op::ScanRead | Op::JoinRead | Op::VerifyRead | Op::OwnerCheck => {}
+            Op::ScanRead | Op::JoinRead | Op::VerifyRead | Op::ConfirmRead | Op::OwnerCheck => {}
         }
     }
 
@@ -667,7 +670,9 @@ impl LeaseMachine {
             Ok(b) => b,
             Err(_) => {
                 match p.op {
-                    Op::VerifyRead if self.mode == Mode::Seeking => self.withdraw(now, out),
+                    Op::VerifyRead | Op::ConfirmRead if self.mode == Mode::Seeking => {
+                        self.withdraw(now, out)
+                    }
                     Op::ScanRead | Op::JoinRead => {
                         self.next_poll = now + self.me.params.poll_interval_ms()
                     }
@@ -685,14 +690,14 @@ impl LeaseMachine {
         if blocks.len() != LEAD_BLOCKS + self.layout.max_slots as usize {
             // The runtime returned the wrong shape: treat as a failed read.
             self.next_poll = now + self.me.params.poll_interval_ms();
-            if p.op == Op::VerifyRead && self.mode == Mode::Seeking {
+            if matches!(p.op, Op::VerifyRead | Op::ConfirmRead) && self.mode == Mode::Seeking {
                 self.withdraw(now, out);
             }
             return;
         }
         if let Some(error) = self.header_problem(&blocks[0]) {
             // Never go on in an area that is no longer the volume's.
-            if self.mode == Mode::Seeking && p.op == Op::VerifyRead {
+            if self.mode == Mode::Seeking && matches!(p.op, Op::VerifyRead | Op::ConfirmRead) {
                 self.withdraw(now, out);
             } else {
                 self.mode = Mode::Idle;
@@ -702,7 +707,15 @@ impl LeaseMachine {
             return;
         }
         self.observe(now, &blocks[1..LEAD_BLOCKS], &blocks[LEAD_BLOCKS..]);
+        // A read that completed past its deadline may show the area as it was
+        // long ago: nothing is decided on it (a scan polls again, a claim is
+        // withdrawn). The observations it brought still count, since `since`
+        // only ever makes a slot look younger.
+        let late = self.late(now, p.issued);
         match (p.op, self.mode) {
+            (Op::ScanRead, Mode::Seeking) if late => {
+                self.next_poll = now + self.me.params.poll_interval_ms();
+            }
             (Op::ScanRead, Mode::Seeking) => self.evaluate(now, p.issued, out),
             (
                 Op::JoinRead,
@@ -728,18 +741,46 @@ impl LeaseMachine {
                 }
             }
             (Op::VerifyRead, Mode::Seeking) => {
-                let blocked = self.blocker(p.issued).is_some();
-                // A generation chosen from an older read may have been granted
-                // meanwhile: never hand out one that is not above all we see.
-                let stale = self.max_other_generation >= self.generation;
-                if !self.own_slot_intact() || blocked || stale || !self.want {
+                if late || !self.claim_stands(p.issued) {
                     self.withdraw(now, out);
                 } else {
                     self.write_owner(now, Op::OwnerWrite, OWNER_BLOCK, OwnerState::Held, out);
                 }
             }
+            (Op::ConfirmRead, Mode::Seeking) => {
+                // The same test once more, after the owner copies landed: a
+                // stray write (a join or ghost write landing long after it was
+                // issued) that replaced our claim between the verify read and
+                // the owner writes would otherwise let a peer claim beside us
+                // unseen. From here on the owner record witnesses for us.
+                let valid_until = self.claim_issued + self.me.params.lease_timeout_ms as u64;
+                if late || now >= valid_until || !self.claim_stands(p.issued) {
+                    self.withdraw(now, out);
+                } else {
+                    self.mode = Mode::Holding;
+                    self.valid_until = valid_until;
+                    self.next_renew = self.claim_issued + self.me.params.renew_interval_ms as u64;
+                    self.backoff_round = 0;
+                    out.push(Action::Emit(Event::Acquired {
+                        generation: self.generation,
+                        valid_until,
+                    }));
+                }
+            }
             _ => {}
         }
+    }
+
+    /// Whether our claim still stands after a read issued at `read_issued`:
+    /// our slot shows exactly our claim, no other slot or owner record blocks,
+    /// nobody shows a generation at or above ours (a generation chosen from an
+    /// older read may have been granted meanwhile), and the caller still wants
+    /// the lease.
+    fn claim_stands(&self, read_issued: Millis) -> bool {
+        self.own_slot_intact()
+            && self.blocker(read_issued).is_none()
+            && self.max_other_generation < self.generation
+            && self.want
     }
 
     fn check_owner(&mut self, header: &Block, owners: &[Block], out: &mut Vec<Action>) {
@@ -774,7 +815,13 @@ impl LeaseMachine {
         self.owner = Owner::best_of(owners).valid().cloned();
         for b in owners {
             if let Decoded::Valid(owner) = Owner::decode(b) {
-                max_other = max_other.max(owner.generation);
+                // Our own owner copies of the claim in progress are not news.
+                let ours = owner.holder_name == self.me.name
+                    && owner.holder_nonce == self.me.nonce
+                    && owner.generation == self.generation;
+                if !ours {
+                    max_other = max_other.max(owner.generation);
+                }
             }
         }
         for (i, b) in blocks.iter().enumerate() {
@@ -1125,6 +1172,152 @@ mod tests {
         // Hand it back so the next node can join on a free area.
         settle(&mut m, disk, t, Input::Release);
         m
+    }
+
+    /// The one I/O action in `actions`.
+    fn io(actions: &[Action]) -> &Action {
+        let io: Vec<&Action> = actions
+            .iter()
+            .filter(|a| matches!(a, Action::Read { .. } | Action::Write { .. }))
+            .collect();
+        assert_eq!(io.len(), 1, "{actions:?}");
+        io[0]
+    }
+
+    fn emitted(actions: &[Action]) -> Vec<Event> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Emit(e) => Some(e.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// `a` (joined) acquires at `t` with instant I/O until its claim has
+    /// landed; returns the actions asking for the verify read.
+    fn claim(a: &mut LeaseMachine, disk: &mut Disk, t: Millis) -> Vec<Action> {
+        let scan = a.step(t, Input::Acquire);
+        let (read, _) = disk.perform(&scan);
+        let claim = a.step(t, read.expect("a scan read"));
+        assert!(
+            matches!(io(&claim), Action::Write { block, .. } if *block == FIRST_SLOT_BLOCK),
+            "{claim:?}"
+        );
+        let (done, _) = disk.perform(&claim);
+        a.step(t, done.expect("a claim write"))
+    }
+
+    #[test]
+    fn a_claim_decided_on_a_read_completing_past_its_deadline_is_withdrawn() {
+        let mut disk = Disk::new(4);
+        let mut a = joined("a", 1, &mut disk);
+        let t = 100_000;
+        let verify = claim(&mut a, &mut disk, t);
+        assert!(matches!(io(&verify), Action::Read { .. }), "{verify:?}");
+        // Served at once, but its completion comes back after io_timeout.
+        let (read, _) = disk.perform(&verify);
+        let late = t + Params::default().io_timeout_ms as u64 + 1;
+        let out = a.step(late, read.unwrap());
+        assert!(
+            matches!(io(&out), Action::Write { block, data }
+                if *block == FIRST_SLOT_BLOCK
+                && Slot::decode(data).valid().is_some_and(|s| s.state == SlotState::Idle)),
+            "a late verify read must withdraw: {out:?}"
+        );
+    }
+
+    #[test]
+    fn a_stray_write_over_the_claim_before_the_owner_copies_land_is_seen_by_the_confirm_read() {
+        let mut disk = Disk::new(4);
+        let mut a = joined("a", 1, &mut disk);
+        let t = 100_000;
+        let verify = claim(&mut a, &mut disk, t);
+        let (read, _) = disk.perform(&verify);
+        let owner_a = a.step(t, read.unwrap());
+        assert!(matches!(
+            io(&owner_a),
+            Action::Write {
+                block: OWNER_BLOCK,
+                ..
+            }
+        ));
+        // A join write of another node, issued long ago, lands on a's slot now.
+        let stray = Slot {
+            index: 0,
+            state: SlotState::Idle,
+            name: "late".into(),
+            nonce: 9,
+            seq: 1,
+            generation: 0,
+            max_generation_seen: 0,
+            params: Params::default(),
+        };
+        disk.blocks[FIRST_SLOT_BLOCK as usize] = stray.encode();
+        let (done, _) = disk.perform(&owner_a);
+        let owner_b = a.step(t, done.unwrap());
+        assert!(matches!(
+            io(&owner_b),
+            Action::Write {
+                block: OWNER_B_BLOCK,
+                ..
+            }
+        ));
+        let (done, _) = disk.perform(&owner_b);
+        let confirm = a.step(t, done.unwrap());
+        assert!(matches!(io(&confirm), Action::Read { .. }), "{confirm:?}");
+        assert!(
+            emitted(&confirm).is_empty(),
+            "no grant before the confirm read"
+        );
+        let (read, _) = disk.perform(&confirm);
+        let out = a.step(t, read.unwrap());
+        assert!(
+            !emitted(&out)
+                .iter()
+                .any(|e| matches!(e, Event::Acquired { .. })),
+            "{out:?}"
+        );
+        assert!(a.holding().is_none());
+    }
+
+    #[test]
+    fn a_release_whose_owner_copy_a_failed_leaves_copy_b_alone() {
+        let mut disk = Disk::new(4);
+        let mut a = joined("a", 1, &mut disk);
+        let t = 100_000;
+        let ev = settle(&mut a, &mut disk, t, Input::Acquire);
+        let Some(Event::Acquired { generation, .. }) = ev.last().cloned() else {
+            panic!("{ev:?}")
+        };
+        let out = a.step(t + 10, Input::Release);
+        assert!(matches!(
+            io(&out),
+            Action::Write {
+                block: OWNER_BLOCK,
+                ..
+            }
+        ));
+        // Copy A fails (and may have landed torn): copy B must keep the generation.
+        let out = a.step(t + 20, Input::WriteDone(Err(IoFailure("EIO".into()))));
+        assert!(
+            matches!(io(&out), Action::Write { block, .. } if *block == FIRST_SLOT_BLOCK),
+            "the slot, not owner copy B: {out:?}"
+        );
+        let out = a.step(t + 30, Input::WriteDone(Ok(())));
+        assert_eq!(
+            emitted(&out),
+            vec![Event::Released {
+                generation,
+                clean: false
+            }]
+        );
+        let b = Owner::decode(&disk.blocks[OWNER_B_BLOCK as usize]);
+        assert!(
+            b.valid()
+                .is_some_and(|o| o.generation == generation && o.state == OwnerState::Held),
+            "{b:?}"
+        );
     }
 
     #[test]

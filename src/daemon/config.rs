@@ -137,7 +137,9 @@ pub struct DaemonArgs {
     pub dev_dir: Option<PathBuf>,
     /// What to do when an NVMe volume's queued writes could outlive a
     /// takeover (docs/DEVICES.md §3), checked before its first grant:
-    /// refuse the grant, warn, or set fast_io_fail_tmo [default: warn].
+    /// refuse the grant, warn (and grant only where NVMe reservations
+    /// refuse a fenced node's writes), or set fast_io_fail_tmo
+    /// [default: warn].
     #[arg(long, env = "BLOCKFENCE_STALE_IO_POLICY", value_enum)]
     pub stale_io_policy: Option<Policy>,
     /// A TOML file with any of these options (keys as the long option names

@@ -309,7 +309,14 @@ pub struct VolumeTask<O> {
     handover_started: Option<Instant>,
     device_news: Option<mpsc::UnboundedReceiver<DeviceNews>>,
     guard: Option<GuardCheck>,
+    /// The guard failed and let grants through (policy warn) only because
+    /// reservations cover the volume: if they turn out unsupported, the
+    /// guard is run again and refuses.
+    guard_needs_resv: Option<GuardCheck>,
     resv: Option<ReservationLink>,
+    /// This node's reservation key is registered on the namespace (so the
+    /// target will refuse its writes once a peer preempts it).
+    resv_registered: bool,
     /// The reservation is held (checked every renew interval).
     resv_holding: bool,
     /// The reservation was lost: rejoin after the fence.
@@ -365,6 +372,8 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
             handover_started: None,
             device_news: chans.device_news,
             guard: setup.guard,
+            guard_needs_resv: None,
+            resv_registered: false,
             resv: setup.reservation,
             resv_holding: false,
             resv_lost: false,
@@ -566,12 +575,32 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
                     tracing::warn!(volume = %self.name, ?applied, "stale-I/O guard: set fast_io_fail_tmo; the volume now passes");
                 }
             }
+            Ok(Decision::Warned { verdict }) if !self.resv_registered => {
+                // Nothing would stop this node's queued writes from landing
+                // after a takeover: the bounded-landing assumption of the
+                // protocol (docs/PROTOCOL.md §5) would rest on nothing.
+                let why = format!(
+                    "{} (policy warn grants only where NVMe reservations make the target refuse \
+                     a fenced node's writes, and this node holds no registration on the \
+                     namespace{})",
+                    refused(&verdict.fixes),
+                    if self.resv.is_some() {
+                        " yet: try again in a moment"
+                    } else {
+                        ": reservations are unsupported there"
+                    }
+                );
+                tracing::error!(volume = %self.name, "{why}");
+                return Some(why);
+            }
             Ok(Decision::Warned { verdict }) => {
                 self.send_event(VolumeEventKind::StaleIoWarning {
                     fixes: verdict.fixes.join("; "),
                 });
                 tracing::warn!(volume = %self.name, fixes = ?verdict.fixes,
-                    "stale-I/O guard (policy warn): granting although queued writes could outlive a takeover");
+                    "stale-I/O guard (policy warn): granting because NVMe reservations refuse a \
+                     fenced node's queued writes; fix the timeouts all the same");
+                self.guard_needs_resv = Some(g.clone());
             }
             Ok(Decision::Refused { verdict, .. }) => {
                 let why = refused(&verdict.fixes);
@@ -639,10 +668,21 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
                     tracing::warn!(volume = %self.name, %reason, "reservations: unsupported (disk lease only)");
                     self.resv = None;
                     self.resv_holding = false;
+                    self.resv_registered = false;
+                    if let Some(g) = self.guard_needs_resv.take() {
+                        // The warn grant leaned on reservations: end it, and let
+                        // the guard judge (and refuse) the next acquire.
+                        tracing::error!(volume = %self.name,
+                            "the stale-I/O guard passed only because of reservations, which are unsupported: fencing now");
+                        self.guard = Some(g);
+                        self.queue
+                            .push_back(Work::Session(session::Input::ReservationLost));
+                    }
                 }
                 ResvEvent::Acquired { preempted } => {
                     tracing::info!(volume = %self.name, ?preempted, "NVMe reservation held");
                     self.resv_holding = true;
+                    self.resv_registered = true;
                 }
                 ResvEvent::Released => self.resv_holding = false,
                 ResvEvent::ReservationLost { reason } => {
@@ -660,6 +700,7 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
                         .push_back(Work::Session(session::Input::ReservationLost));
                 }
                 ResvEvent::Registered => {
+                    self.resv_registered = true;
                     tracing::info!(volume = %self.name, "NVMe reservation key registered")
                 }
                 ResvEvent::CommandFailed { command, detail } => {

@@ -42,7 +42,8 @@ use std::path::Path;
 pub enum Policy {
     /// Do not take the lease on this volume (no writer starts).
     Refuse,
-    /// Log the verdict and the fix, carry on.
+    /// Log the verdict and the fix, carry on (the daemon grants only where
+    /// NVMe reservations then refuse a fenced node's queued writes).
     Warn,
     /// Write the computed `fast_io_fail_tmo` to each failing controller, then
     /// re-check; refuse if it still fails.

@@ -64,6 +64,18 @@
 //!
 //! Broken variants ([`Sabotage`]) exist only to show the oracle can fail.
 //!
+//! # Assumptions and verdicts
+//!
+//! Some faults go beyond what the protocol assumes (docs/PROTOCOL.md §5):
+//! the run records each moment it breaks an [`Assumption`] (a lease write
+//! landing later than `host_dead_ceiling` after its issue). [`judge`] labels
+//! a violation: *within the assumptions* when none was broken before it, or
+//! when the same seed run with [`Options::enforce_assumptions`] (the same
+//! draws, every landing moved back inside the bound) fails too; otherwise
+//! *needing one broken*. [`run_seeds`] judges every seed and counts, per fault
+//! class the run drew, both kinds ([`Summary::class_table`]);
+//! `scripts/sim-sweep` prints that table for any number of seeds.
+//!
 //! What the simulation found in the protocol is pinned, with diagnoses, in the
 //! `finding_*` tests of `tests/sim.rs`.
 
@@ -198,6 +210,38 @@ impl FaultMix {
     }
 }
 
+/// A stated assumption of the protocol (docs/PROTOCOL.md §5) that the
+/// scheduler can break. A violation that happens only when one is broken is
+/// reported apart from one that happens within them ([`judge`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Assumption {
+    /// Every lease write lands within `host_dead_ceiling` (real time) of
+    /// being issued, or never. Broken by a write queued for longer (a path
+    /// down with `queue_if_no_path`, a stuck controller, a crashed node's
+    /// write stuck in the fabric). Enforced on real storage by the stale-I/O
+    /// guard (queued I/O fails within its budget) and NVMe reservations (a
+    /// preempted host's writes are refused whenever they arrive).
+    LeaseWriteLandsInTime,
+}
+
+impl std::fmt::Display for Assumption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Assumption::LeaseWriteLandsInTime => {
+                "a lease write lands within host_dead_ceiling of its issue"
+            }
+        })
+    }
+}
+
+/// One moment a run broke an assumption.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Broken {
+    pub at_ms: u64,
+    pub assumption: Assumption,
+    pub detail: String,
+}
+
 /// A deliberately broken variant, to prove the oracle catches what it should.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sabotage {
@@ -223,6 +267,12 @@ pub struct Options {
     pub trace: bool,
     pub faults: FaultMix,
     pub sabotage: Option<Sabotage>,
+    /// Keep every stated assumption ([`Assumption`]): the scheduler draws
+    /// the same numbers, but moves what would break one back inside it (a
+    /// lease write due to land later than `host_dead_ceiling` after its issue
+    /// lands at that bound). Used to tell whether a violation needed a broken
+    /// assumption ([`judge`]).
+    pub enforce_assumptions: bool,
 }
 
 /// Default simulated time with faults per seed.
@@ -238,6 +288,7 @@ impl Default for Options {
             trace: false,
             faults: FaultMix::all(),
             sabotage: None,
+            enforce_assumptions: false,
         }
     }
 }
@@ -259,6 +310,8 @@ pub struct FaultCounts {
     pub releases: u64,
     pub give_ups: u64,
     pub flaps: u64,
+    /// Acquires asked for before the caller's own fence window ended.
+    pub early_reacquires: u64,
 }
 
 impl FaultCounts {
@@ -277,6 +330,7 @@ impl FaultCounts {
         self.releases += o.releases;
         self.give_ups += o.give_ups;
         self.flaps += o.flaps;
+        self.early_reacquires += o.early_reacquires;
     }
 }
 
@@ -333,6 +387,10 @@ pub struct Outcome {
     pub digest: u64,
     /// One line per event, when [`Options::trace`] is set.
     pub trace: Vec<String>,
+    /// Stated assumptions the run broke before it ended (the first 64).
+    pub broken: Vec<Broken>,
+    /// Which fault classes the run drew, in [`FAULT_CLASSES`] order.
+    pub classes: [bool; FAULT_CLASSES.len()],
 }
 
 /// Runs one seed.
@@ -340,13 +398,104 @@ pub fn run(seed: u64, opts: &Options) -> Outcome {
     world::World::new(seed, opts).run()
 }
 
+/// What one seed says about the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// No invariant broken.
+    Clean,
+    /// An invariant broken while every stated assumption held: a protocol
+    /// bug. Either the run broke no assumption before the violation, or it
+    /// did but the same seed with the assumptions kept
+    /// ([`Options::enforce_assumptions`]) fails as well (that violation is
+    /// the one given).
+    Within(Violation),
+    /// An invariant broken only when an assumption is: the run broke
+    /// `broken` before the violation, and the same seed with the assumptions
+    /// kept shows no violation.
+    NeedsBroken {
+        violation: Violation,
+        broken: Vec<Broken>,
+    },
+}
+
+impl Verdict {
+    /// The violation, if any.
+    pub fn violation(&self) -> Option<&Violation> {
+        match self {
+            Verdict::Clean => None,
+            Verdict::Within(v) | Verdict::NeedsBroken { violation: v, .. } => Some(v),
+        }
+    }
+
+    /// The assumptions the violation needed broken (empty within them).
+    pub fn assumptions(&self) -> Vec<Assumption> {
+        let mut a: Vec<Assumption> = match self {
+            Verdict::NeedsBroken { broken, .. } => broken.iter().map(|b| b.assumption).collect(),
+            _ => Vec::new(),
+        };
+        a.sort();
+        a.dedup();
+        a
+    }
+}
+
+/// Runs one seed and labels its violation, if any: within the stated
+/// assumptions, or needing one broken (see [`Verdict`]).
+pub fn judge(seed: u64, opts: &Options) -> (Outcome, Verdict) {
+    let o = run(seed, opts);
+    let verdict = match &o.violation {
+        None => Verdict::Clean,
+        Some(v) if o.broken.is_empty() || opts.enforce_assumptions => Verdict::Within(v.clone()),
+        Some(v) => {
+            let kept = run(
+                seed,
+                &Options {
+                    enforce_assumptions: true,
+                    trace: false,
+                    ..opts.clone()
+                },
+            );
+            match kept.violation {
+                Some(kv) => Verdict::Within(kv),
+                None => Verdict::NeedsBroken {
+                    violation: v.clone(),
+                    broken: o.broken.clone(),
+                },
+            }
+        }
+    };
+    (o, verdict)
+}
+
+/// Seeds and violations among the runs that drew one fault class.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClassStats {
+    /// Seeds whose run drew this class at least once.
+    pub seeds: u64,
+    /// Of those, violations within the assumptions.
+    pub within: u64,
+    /// Of those, violations that needed an assumption broken.
+    pub needs_broken: u64,
+    /// Of those, mutual-exclusion violations of either kind.
+    pub mutual_exclusion: u64,
+}
+
 /// Results of many seeds.
 #[derive(Debug, Clone, Default)]
 pub struct Summary {
     pub first_seed: u64,
     pub seeds: u64,
-    /// Failing seeds, in seed order.
+    /// Failing seeds, in seed order (every violation, however labelled).
     pub violations: Vec<(u64, Violation)>,
+    /// Violations within the stated assumptions (protocol bugs), in seed order.
+    pub within: Vec<(u64, Violation)>,
+    /// Violations that needed an assumption broken, with the assumptions.
+    pub needs_broken: Vec<(u64, Violation, Vec<Assumption>)>,
+    /// Per fault class ([`FAULT_CLASSES`] order): seeds that drew it, and the
+    /// violations among them.
+    pub by_class: [ClassStats; FAULT_CLASSES.len()],
+    /// Seeds whose run broke a stated assumption (with or without a violation).
+    pub seeds_breaking: u64,
     pub grants: u64,
     pub seeds_with_grant: u64,
     pub seeds_quiet_live: u64,
@@ -361,10 +510,33 @@ pub struct Summary {
 }
 
 impl Summary {
-    fn add(&mut self, o: &Outcome) {
+    fn add(&mut self, o: &Outcome, verdict: &Verdict) {
         self.seeds += 1;
         if let Some(v) = &o.violation {
             self.violations.push((o.seed, v.clone()));
+        }
+        match verdict {
+            Verdict::Clean => {}
+            Verdict::Within(v) => self.within.push((o.seed, v.clone())),
+            Verdict::NeedsBroken { violation, .. } => {
+                self.needs_broken
+                    .push((o.seed, violation.clone(), verdict.assumptions()))
+            }
+        }
+        self.seeds_breaking += !o.broken.is_empty() as u64;
+        let me = verdict
+            .violation()
+            .is_some_and(|v| v.invariant == Invariant::MutualExclusion);
+        for (stats, _) in self
+            .by_class
+            .iter_mut()
+            .zip(o.classes)
+            .filter(|(_, on)| *on)
+        {
+            stats.seeds += 1;
+            stats.within += matches!(verdict, Verdict::Within(_)) as u64;
+            stats.needs_broken += matches!(verdict, Verdict::NeedsBroken { .. }) as u64;
+            stats.mutual_exclusion += me as u64;
         }
         self.grants += o.grants;
         self.seeds_with_grant += (o.grants > 0) as u64;
@@ -386,7 +558,8 @@ impl Summary {
         let f = &self.faults;
         let a = &self.anomalies;
         format!(
-            "seeds {first}..{end}: {viol} violating, {grants} grants, {wg} seeds with >= 1 grant, \
+            "seeds {first}..{end}: {viol} violating ({within} within the assumptions, {needs} needing one broken, \
+             {me} of mutual exclusion), {grants} grants, {wg} seeds with >= 1 grant, \
              {ql} seeds with a holder in the quiet tail (no holder: {qd:?})\n\
              {events} events, {hours:.1} simulated hours\n\
              faults: {crashes} crashes ({restarts} restarts, {ghosts} late in-flight writes), {stalls} stalls, \
@@ -398,6 +571,9 @@ impl Summary {
             first = self.first_seed,
             end = self.first_seed + self.seeds,
             viol = self.violations.len(),
+            within = self.within.len(),
+            needs = self.needs_broken.len(),
+            me = self.mutual_exclusion(),
             grants = self.grants,
             wg = self.seeds_with_grant,
             ql = self.seeds_quiet_live,
@@ -427,20 +603,106 @@ impl Summary {
     }
 }
 
+impl Summary {
+    /// Adds the results of a later, disjoint run of seeds.
+    pub fn merge(&mut self, o: Summary) {
+        self.seeds += o.seeds;
+        self.violations.extend(o.violations);
+        self.within.extend(o.within);
+        self.needs_broken.extend(o.needs_broken);
+        self.seeds_breaking += o.seeds_breaking;
+        for (a, b) in self.by_class.iter_mut().zip(o.by_class) {
+            a.seeds += b.seeds;
+            a.within += b.within;
+            a.needs_broken += b.needs_broken;
+            a.mutual_exclusion += b.mutual_exclusion;
+        }
+        self.grants += o.grants;
+        self.seeds_with_grant += o.seeds_with_grant;
+        self.seeds_quiet_live += o.seeds_quiet_live;
+        let room = 20usize.saturating_sub(self.quiet_dead_seeds.len());
+        self.quiet_dead_seeds
+            .extend(o.quiet_dead_seeds.into_iter().take(room));
+        self.events += o.events;
+        self.sim_ms += o.sim_ms;
+        self.faults.add(&o.faults);
+        self.anomalies.add(&o.anomalies);
+        let room = 20usize.saturating_sub(self.anomaly_seeds.len());
+        self.anomaly_seeds
+            .extend(o.anomaly_seeds.into_iter().take(room));
+    }
+
+    /// Mutual-exclusion violations of either kind.
+    pub fn mutual_exclusion(&self) -> usize {
+        self.violations
+            .iter()
+            .filter(|(_, v)| v.invariant == Invariant::MutualExclusion)
+            .count()
+    }
+
+    /// The per-class table: seeds that drew each class, violations within
+    /// the assumptions, violations that needed one broken, and the rates.
+    pub fn class_table(&self) -> String {
+        let rate = |n: u64, of: u64| {
+            if of == 0 {
+                "-".to_string()
+            } else if n == 0 {
+                "0".to_string()
+            } else {
+                format!("{:.2e}", n as f64 / of as f64)
+            }
+        };
+        let mut t = format!(
+            "{:<16} {:>9} {:>7} {:>9} {:>7} {:>10} {:>10}\n",
+            "fault class", "seeds", "within", "rate", "needs", "rate", "mutual-ex"
+        );
+        let all = ClassStats {
+            seeds: self.seeds,
+            within: self.within.len() as u64,
+            needs_broken: self.needs_broken.len() as u64,
+            mutual_exclusion: self.mutual_exclusion() as u64,
+        };
+        let rows = FAULT_CLASSES
+            .iter()
+            .copied()
+            .zip(self.by_class)
+            .chain(std::iter::once(("(every seed)", all)));
+        for (name, c) in rows {
+            t.push_str(&format!(
+                "{:<16} {:>9} {:>7} {:>9} {:>7} {:>10} {:>10}\n",
+                name,
+                c.seeds,
+                c.within,
+                rate(c.within, c.seeds),
+                c.needs_broken,
+                rate(c.needs_broken, c.seeds),
+                c.mutual_exclusion
+            ));
+        }
+        t.push_str(&format!(
+            "{} seeds broke a stated assumption at least once (landings later than \
+             host_dead_ceiling); none seen in n seeds bounds a rate below 3/n (95% confidence)\n",
+            self.seeds_breaking
+        ));
+        t
+    }
+}
+
 /// Runs seeds `first..first + count` on `threads` threads (each seed on one
-/// thread, so each is as deterministic as alone). Traces are dropped.
+/// thread, so each is as deterministic as alone), judging each ([`judge`]).
+/// Traces are dropped.
 pub fn run_seeds(first: u64, count: u64, opts: &Options, threads: usize) -> Summary {
     let threads = threads.clamp(1, count.max(1) as usize);
-    let mut outcomes: Vec<Outcome> = std::thread::scope(|s| {
+    let mut outcomes: Vec<(Outcome, Verdict)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads as u64)
             .map(|t| {
                 s.spawn(move || {
                     (first + t..first + count)
                         .step_by(threads)
                         .map(|seed| {
-                            let mut o = run(seed, opts);
+                            let (mut o, verdict) = judge(seed, opts);
                             o.trace = Vec::new();
-                            o
+                            (o, verdict)
                         })
                         .collect::<Vec<_>>()
                 })
@@ -451,13 +713,13 @@ pub fn run_seeds(first: u64, count: u64, opts: &Options, threads: usize) -> Summ
             .flat_map(|h| h.join().expect("a simulation thread panicked"))
             .collect()
     });
-    outcomes.sort_by_key(|o| o.seed);
+    outcomes.sort_by_key(|(o, _)| o.seed);
     let mut summary = Summary {
         first_seed: first,
         ..Summary::default()
     };
-    for o in &outcomes {
-        summary.add(o);
+    for (o, verdict) in &outcomes {
+        summary.add(o, verdict);
     }
     summary
 }

@@ -12,7 +12,9 @@ use super::clock::Clock;
 use super::disk::{describe, Disk, SECTORS_PER_BLOCK};
 use super::oracle::{Invariant, Oracle, Tenure, Violation};
 use super::rng::Rng;
-use super::{Anomalies, FaultCounts, Options, Outcome, Sabotage};
+use super::{
+    Anomalies, Assumption, Broken, FaultCounts, Options, Outcome, Sabotage, FAULT_CLASSES,
+};
 use crate::core::lease::{
     Action, Event, Identity, Input, IoFailure, Layout, LeaseMachine, FIRST_SLOT_BLOCK,
     HEADER_BLOCK, OWNER_BLOCK, OWNER_B_BLOCK,
@@ -114,6 +116,8 @@ struct PendingWrite {
     data: Box<Block>,
     sectors: usize,
     at: u64,
+    /// Real time it was issued (for the bounded-landing assumption).
+    issued: u64,
     /// Its incarnation crashed.
     ghost: bool,
 }
@@ -230,6 +234,12 @@ pub struct World<'a> {
     /// Notable happenings (a write over another node's record, a torn owner
     /// record, ...), to explain a violation.
     notes: Vec<(u64, String)>,
+    /// Stated assumptions the run broke, in time order (the first 64).
+    broken: Vec<Broken>,
+    /// Some clock ran at a rate other than real time.
+    drifted: bool,
+    /// Some node ran with parameters other than the defaults.
+    varied: bool,
     /// [`Sabotage::UnderstatedParams`]: recent (recorded, true) slot records
     /// of the liar.
     lies: Vec<(Box<Block>, Box<Block>)>,
@@ -385,6 +395,9 @@ impl<'a> World<'a> {
             digest: 0xcbf2_9ce4_8422_2325,
             trace: Vec::new(),
             notes: Vec::new(),
+            broken: Vec::new(),
+            drifted: false,
+            varied: false,
             lies: Vec::new(),
         };
         if opts.trace {
@@ -420,6 +433,8 @@ impl<'a> World<'a> {
                 ));
             }
         }
+        w.drifted = w.nodes.iter().any(|n| n.clock.ppm() != 0);
+        w.varied = w.nodes.iter().any(|n| n.params != Params::default());
         for i in 0..n {
             let at = w.rng.range(0, 3_000);
             w.caller_at(i, at, true);
@@ -470,6 +485,7 @@ impl<'a> World<'a> {
             n.tenure.is_some() && n.machine.as_ref().is_some_and(|m| m.holding().is_some())
         });
         let quiet_live = self.oracle.grants() > self.grants_before_quiet || holder_at_end;
+        let classes = self.exercised();
         Outcome {
             seed: self.seed,
             nodes: self.nodes.len(),
@@ -484,7 +500,29 @@ impl<'a> World<'a> {
             anomalies: self.anomalies,
             digest: self.digest,
             trace: self.trace,
+            broken: self.broken,
+            classes,
         }
+    }
+
+    /// Which fault classes this run actually drew, in [`FAULT_CLASSES`] order.
+    fn exercised(&self) -> [bool; FAULT_CLASSES.len()] {
+        let f = &self.faults;
+        [
+            f.long_delays + f.beyond_io_timeout > 0,
+            f.delayed_ios > 0,
+            f.slow_disks > 0,
+            f.io_errors > 0,
+            f.torn_writes > 0,
+            f.path_losses > 0,
+            f.crashes > 0,
+            f.ghost_writes > 0,
+            f.stalls > 0,
+            self.drifted,
+            self.varied,
+            f.releases + f.give_ups + f.flaps > 0,
+            f.early_reacquires > 0,
+        ]
     }
 
     /// What to do with an event for incarnation `inc` of `node`: drop it (the
@@ -835,6 +873,7 @@ impl<'a> World<'a> {
         if acquire && !wants {
             let nd = &self.nodes[n];
             if nd.fence_ends > self.now {
+                self.faults.early_reacquires += 1;
                 let note = format!(
                     "{} asks to Acquire {} ms before the fence window of its lost lease ends",
                     nd.who(),
@@ -1088,6 +1127,7 @@ impl<'a> World<'a> {
                 }
             }
         };
+        let land_at = self.enforce_landing(self.now, land_at);
         if sectors > 0 {
             self.next_id += 1;
             let wid = self.next_id;
@@ -1100,6 +1140,7 @@ impl<'a> World<'a> {
                     data,
                     sectors,
                     at: land_at,
+                    issued: self.now,
                     ghost: false,
                 },
             );
@@ -1124,6 +1165,18 @@ impl<'a> World<'a> {
         let Some(w) = self.writes.remove(&wid) else {
             return;
         };
+        let ceiling = self.layout.host_dead_ceiling_ms;
+        if at.saturating_sub(w.issued) > ceiling {
+            self.break_assumption(
+                Assumption::LeaseWriteLandsInTime,
+                format!(
+                    "{}'s write to b{} lands {} ms after it was issued (ceiling {ceiling} ms)",
+                    w.who,
+                    w.block,
+                    at - w.issued
+                ),
+            );
+        }
         self.note_overwrite(&w);
         self.disk.write(w.block, &w.data, w.sectors);
         self.digest = fnv(fnv(self.digest, w.block), w.sectors as u64);
@@ -1194,6 +1247,34 @@ impl<'a> World<'a> {
                 old.generation
             );
             self.note(s);
+        }
+    }
+
+    /// With [`Options::enforce_assumptions`], the landing time `at` of a
+    /// write issued at `issued`, moved no later than the bound the stated
+    /// assumption allows; otherwise `at`.
+    fn enforce_landing(&self, issued: u64, at: u64) -> u64 {
+        if self.opts.enforce_assumptions {
+            at.min(issued + self.layout.host_dead_ceiling_ms)
+        } else {
+            at
+        }
+    }
+
+    /// Records that the run broke a stated assumption now.
+    fn break_assumption(&mut self, assumption: Assumption, detail: String) {
+        if self.opts.trace {
+            self.line(format!(
+                "{:>9} ASSUME broken ({assumption}): {detail}",
+                self.now
+            ));
+        }
+        if self.broken.len() < 64 {
+            self.broken.push(Broken {
+                at_ms: self.now,
+                assumption,
+                detail,
+            });
         }
     }
 
@@ -1287,6 +1368,7 @@ impl<'a> World<'a> {
                 }
                 _ => {
                     w.at = w.at.max(self.now) + self.rng.range(0, 40_000);
+                    w.at = self.enforce_landing(w.issued, w.at);
                     if f.torn_writes && self.rng.chance(300) {
                         self.faults.torn_writes += 1;
                         w.sectors = self.rng.range(1, SECTORS_PER_BLOCK as u64 - 1) as usize;
@@ -1335,6 +1417,8 @@ impl<'a> World<'a> {
         }
         nd.inc += 1;
         nd.clock = clock;
+        self.drifted |= clock.ppm() != 0;
+        self.varied |= nd.params != Params::default();
         nd.machine = Some(LeaseMachine::new(
             Identity {
                 name: nd.name.clone(),
