@@ -18,7 +18,7 @@ use blockfence::api::VolumeEventKind;
 use blockfence::daemon::config::{DaemonConfig, ParamOverrides, VolumeSpec};
 use blockfence::daemon::Daemon;
 use blockfence::fence::fake::{Behavior, RecordingOps};
-use common::daemon_kit::{format_for_two, http, http_text, next_event, Loop, BIN};
+use common::daemon_kit::{device_digest, format_for_two, http, http_text, next_event, Loop, BIN};
 use common::{
     is_mountpoint, require_root_loop, require_root_loop_fuse, run_ok, Mode, NodePath, Scratch,
     SharedImage,
@@ -322,6 +322,139 @@ async fn a_silent_session_is_fenced_writers_killed_and_then_the_lease_released()
     b.shutdown().await.unwrap();
 }
 
+/// How long after the fence the device is watched for late writes (an
+/// observation window, not a wait for an event).
+const LATE_WRITE_WINDOW: Duration = Duration::from_millis(500);
+
+/// A writer in a mount and PID namespace of its own (as a pod's container
+/// is): it mounts `device` at `dir` there (`--propagation private`: the mount
+/// never shows in the daemon's namespace), says `mounted` on stdout, and
+/// appends lines to `dir/data` for ever. With `detach`, it then lazily
+/// unmounts `dir` in its own namespace while keeping the file open, so the
+/// filesystem is in no mountinfo at all (what `umount -l` leaves behind).
+fn namespaced_writer(device: &Path, dir: &Path, detach: bool) -> (Child, u32) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let script = format!(
+        "mount -t ext4 -o errors=remount-ro \"$1\" \"$2\" && exec 3>>\"$2/data\" && {} \
+         echo mounted && i=0 && while :; do i=$((i+1)); echo $i >&3 || :; done",
+        if detach { "umount -l \"$2\" &&" } else { "" }
+    );
+    let mut child = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--pid",
+            "--fork",
+            "sh",
+            "-c",
+        ])
+        .arg(script)
+        .arg("sh")
+        .arg(device)
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start unshare");
+    let mut line = String::new();
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    std::io::BufRead::read_line(&mut out, &mut line).expect("read the writer's stdout");
+    assert_eq!(line.trim(), "mounted", "the writer did not start");
+    let pid = child.id();
+    (child, pid)
+}
+
+/// The reproduction of the namespace hole: the writer's mount is invisible
+/// to the daemon's mountinfo, its session expires, and the lease must not be
+/// released (nor the peer granted) before nothing can write any more.
+async fn a_namespaced_writer_is_fenced_before_the_lease_is_released(name: &str, detach: bool) {
+    if !require_root_loop() {
+        return;
+    }
+    let pair = Pair::new(name);
+    let (sa, sb) = (pair.sa.clone(), pair.sb.clone());
+    let a = Daemon::start(pair.config_a()).await.expect("daemon a");
+    let b = pair.start_b().await;
+    let mut events_a = a.subscribe("pg").unwrap();
+    let (status, grant) = acquire_off(&sa, "pg-a", 10.0).await;
+    assert_eq!(status, 200, "{grant}");
+    let dir = pair.scratch.path().join("mnt");
+    let (w, _) = namespaced_writer(&pair.la.0, &dir, detach);
+    assert!(
+        !is_mountpoint(&dir),
+        "the writer's mount must not be visible to the daemon"
+    );
+    // Writes through A show through B (or the check after the fence proves nothing).
+    let before = device_digest(&pair.lb.0, IMAGE_SIZE);
+    run_ok("sync", &[]).unwrap();
+    assert_ne!(before, device_digest(&pair.lb.0, IMAGE_SIZE));
+    let contender = tokio::task::spawn_blocking(move || {
+        let r = acquire(&sb, "pg-b", 30.0);
+        (r, Instant::now())
+    });
+    // No keepalive: the session expires and the daemon fences.
+    let (_, fencing) = next_event(&mut events_a, |k| {
+        matches!(k, VolumeEventKind::Fencing { .. })
+    })
+    .await;
+    assert!(
+        matches!(&fencing, VolumeEventKind::Fencing { reason, .. } if reason == "session_expired"),
+        "{fencing:?}"
+    );
+    let (fenced_at, fenced) = next_event(&mut events_a, |k| {
+        matches!(k, VolumeEventKind::Fenced { .. })
+    })
+    .await;
+    let digest_after = device_digest(&pair.lb.0, IMAGE_SIZE);
+    assert!(
+        matches!(fenced, VolumeEventKind::Fenced { ok: true, .. }),
+        "{fenced:?}"
+    );
+    // The writer (PID 1 of its namespace; its loop never ends by itself) was
+    // killed, and with it the namespace: `unshare` returns.
+    let out = w.wait_with_output().expect("reap unshare");
+    assert!(
+        !out.status.success(),
+        "the writer ended by itself: {:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ((status, g), granted_at) = contender.await.unwrap();
+    assert_eq!(status, 200, "{g}");
+    assert!(
+        granted_at >= fenced_at,
+        "the peer was granted before the fence ended"
+    );
+    let (released_at, _) = next_event(&mut events_a, |k| {
+        matches!(k, VolumeEventKind::Released { .. })
+    })
+    .await;
+    assert!(released_at >= fenced_at);
+    // Nothing lands after the fence.
+    std::thread::sleep(LATE_WRITE_WINDOW);
+    let digest_later = device_digest(&pair.lb.0, IMAGE_SIZE);
+    let changed: Vec<usize> = (0..digest_after.len())
+        .filter(|&i| digest_after[i] != digest_later[i])
+        .collect();
+    assert!(
+        changed.is_empty(),
+        "MiB {changed:?} changed after the fence"
+    );
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_in_its_own_mount_and_pid_namespace_is_fenced_before_the_release() {
+    a_namespaced_writer_is_fenced_before_the_lease_is_released("daemon-ns-writer", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazily_detached_mount_held_open_is_fenced_before_the_release() {
+    a_namespaced_writer_is_fenced_before_the_lease_is_released("daemon-ns-detached", true).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_lease_is_fenced_before_the_peer_takes_over() {
     if !require_root_loop_fuse() {
@@ -453,7 +586,8 @@ async fn a_failed_fence_keeps_the_lease_and_starves_the_watchdog() {
         .map(|c| (c.step, c.mount.clone()))
         .collect();
     assert_eq!(steps.len(), 3, "{steps:?}");
-    assert!(steps.iter().all(|(_, m)| *m == dir));
+    // The daemon fences the device (every mount of it, in every namespace).
+    assert!(steps.iter().all(|(_, m)| *m == pair.la.0), "{steps:?}");
     // The feeder notices within a few feed intervals.
     let t = Instant::now();
     while !a.watchdog_starved() {

@@ -25,7 +25,7 @@ use blockfence::daemon::config::{DaemonConfig, DeviceOptions, ParamOverrides, Po
 use blockfence::daemon::devices::ReservationOpener;
 use blockfence::daemon::Daemon;
 use blockfence::device::DeviceEvent;
-use blockfence::fence::SystemOps;
+use blockfence::fence::device::DeviceOps;
 use blockfence::nvme::fake::FakeNamespace;
 use blockfence::nvme::ops::{self, ReservationOps, Reservations};
 use blockfence::nvme::reservation::{key_for_node, AcquireAction, RegisterAction, ReleaseAction};
@@ -199,7 +199,7 @@ async fn start(cfg: DaemonConfig, ns: &FakeNamespace) -> Daemon {
 async fn start_opener(cfg: DaemonConfig, ns: &FakeNamespace, refuse: bool) -> Daemon {
     Daemon::start_full(
         cfg,
-        Arc::new(SystemOps),
+        Arc::new(DeviceOps),
         Arc::new(FakeOpener {
             ns: ns.clone(),
             host: 1,

@@ -13,7 +13,7 @@
 
 mod common;
 
-use common::daemon_kit::Loop;
+use common::daemon_kit::{device_digest, Loop};
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader};
@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use blockfence::core::fence::{Outcome, StarveReason, Step};
 use blockfence::fence::fake::{Behavior, RecordingOps};
-use blockfence::fence::{run_fence, FileWatchdog, SystemOps, Watchdog};
+use blockfence::fence::{run_fence, FenceTarget, FileWatchdog, SystemOps, Watchdog};
 use common::{is_mountpoint, require_root_loop, run_ok, AlignedBuf, SharedImage};
 
 /// Size of the shared image.
@@ -80,7 +80,7 @@ fn read_line(out: &mut BufReader<ChildStdout>) -> String {
     line
 }
 
-/// The whole of `device`, read with O_DIRECT (no page cache).
+/// The whole image, read through `device` with O_DIRECT.
 fn read_device(device: &Path) -> Vec<u8> {
     let file = OpenOptions::new()
         .read(true)
@@ -95,14 +95,6 @@ fn read_device(device: &Path) -> Vec<u8> {
         all.extend_from_slice(buf.as_slice());
     }
     all
-}
-
-/// crc32c of every MiB of `device`, read with O_DIRECT.
-fn device_digest(device: &Path) -> Vec<u32> {
-    read_device(device)
-        .chunks(CHUNK)
-        .map(crc32c::crc32c)
-        .collect()
 }
 
 /// `debugfs -D` (O_DIRECT) `cat` of `file` on `device`.
@@ -234,12 +226,12 @@ fn fence_stops_every_writer_on_a_loop_mount() {
 
     // The check below can fail: while the writers run, the device read through
     // B changes between two reads (a full dd round completes between them).
-    let before = device_digest(b.path());
+    let before = device_digest(b.path(), IMAGE_SIZE);
     read_line(&mut outs[1]);
     read_line(&mut outs[1]);
     assert_ne!(
         before,
-        device_digest(b.path()),
+        device_digest(b.path(), IMAGE_SIZE),
         "writes through A must show through B, or the check after the fence proves nothing"
     );
 
@@ -248,7 +240,12 @@ fn fence_stops_every_writer_on_a_loop_mount() {
     File::create(&wd_path).unwrap();
     let mut wd = FileWatchdog::open(&wd_path).unwrap();
     let started = Instant::now();
-    let report = run_fence(Arc::new(SystemOps), &mut wd, &dir, started + FENCE_BUDGET);
+    let report = run_fence(
+        Arc::new(SystemOps),
+        &mut wd,
+        &FenceTarget::mount(&dir),
+        started + FENCE_BUDGET,
+    );
     let took = started.elapsed();
     eprintln!(
         "fence took {took:?}: {}",
@@ -257,7 +254,7 @@ fn fence_stops_every_writer_on_a_loop_mount() {
 
     // Right after the fence: what B shows.
     let log_after = debugfs_cat(b.path(), "/log");
-    let digest_after = device_digest(b.path());
+    let digest_after = device_digest(b.path(), IMAGE_SIZE);
 
     assert!(report.ok, "{report:?}");
     assert!(report.starved.is_none(), "{report:?}");
@@ -295,7 +292,7 @@ fn fence_stops_every_writer_on_a_loop_mount() {
 
     // Nothing lands afterwards: the device and the file stay as they were.
     std::thread::sleep(LATE_WRITE_WINDOW); // an observation window, not a wait for an event
-    let digest_later = device_digest(b.path());
+    let digest_later = device_digest(b.path(), IMAGE_SIZE);
     let changed: Vec<usize> = (0..digest_after.len())
         .filter(|&i| digest_after[i] != digest_later[i])
         .collect();
@@ -383,7 +380,12 @@ fn a_kill_step_that_never_finishes_stops_the_watchdog_feeds() {
     };
     let budget = Duration::from_millis(1_000);
     let start = Instant::now();
-    let report = run_fence(ops.clone(), &mut wd, Path::new("/mnt/v"), start + budget);
+    let report = run_fence(
+        ops.clone(),
+        &mut wd,
+        &FenceTarget::mount("/mnt/v"),
+        start + budget,
+    );
     let took = start.elapsed();
     ops.release();
 
@@ -470,7 +472,7 @@ fn a_failed_shutdown_starves_but_the_real_kill_and_unmount_still_run() {
     let report = run_fence(
         Arc::new(SystemOps),
         &mut wd,
-        &dir,
+        &FenceTarget::mount(&dir),
         Instant::now() + FENCE_BUDGET,
     );
     eprintln!("{}", serde_json::to_string(&report).unwrap());

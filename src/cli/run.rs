@@ -30,7 +30,7 @@ use crate::core::holder::{
     Phase, Renewal,
 };
 use crate::ext4::{Ext4Error, ShutdownMode};
-use crate::fence::{self, holders, FenceError, FenceOps, SystemOps, Watchdog};
+use crate::fence::{self, holders, FenceError, FenceOps, FenceTarget, SystemOps, Watchdog};
 use anyhow::{anyhow, bail, Context};
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
@@ -416,7 +416,8 @@ struct GuardedOps {
 }
 
 impl FenceOps for GuardedOps {
-    fn shutdown(&self, mount: &Path) -> Result<(), FenceError> {
+    fn shutdown(&self, target: &FenceTarget) -> Result<(), FenceError> {
+        let mount = target.path.as_path();
         let io = |op, source| {
             FenceError::Shutdown(Ext4Error::Io {
                 path: mount.to_path_buf(),
@@ -443,16 +444,16 @@ impl FenceOps for GuardedOps {
         Ok(())
     }
 
-    fn kill_holders(&self, mount: &Path) -> Result<Vec<i32>, FenceError> {
-        match holders::find_mount(mount)? {
+    fn kill_holders(&self, target: &FenceTarget) -> Result<Vec<i32>, FenceError> {
+        match holders::find_mount(&target.path)? {
             Some(m) if m.dev == self.rdev => holders::kill_all(&m),
             _ => Ok(Vec::new()),
         }
     }
 
-    fn unmount(&self, mount: &Path) -> Result<(), FenceError> {
-        match holders::find_mount(mount)? {
-            Some(m) if m.dev == self.rdev => SystemOps.unmount(mount),
+    fn unmount(&self, target: &FenceTarget) -> Result<(), FenceError> {
+        match holders::find_mount(&target.path)? {
+            Some(m) if m.dev == self.rdev => SystemOps.unmount(target),
             _ => Ok(()),
         }
     }
@@ -857,7 +858,7 @@ impl Session {
                 let report = tokio::task::spawn_blocking(move || {
                     let deadline = std::time::Instant::now() + FENCE_BUDGET;
                     let ops = Arc::new(GuardedOps { rdev });
-                    fence::run_fence(ops, &mut NoWatchdog, &dir, deadline)
+                    fence::run_fence(ops, &mut NoWatchdog, &FenceTarget::mount(dir), deadline)
                 })
                 .await;
                 match report {
@@ -1186,11 +1187,11 @@ mod tests {
         // procfs is not ext4: were the guard missing, the shutdown would fail
         // with NotExt4 rather than do nothing.
         let ops = GuardedOps { rdev: u64::MAX };
-        ops.shutdown(Path::new("/proc"))
+        ops.shutdown(&FenceTarget::mount("/proc"))
             .expect("nothing to shut down");
         let dev = std::fs::metadata("/proc").unwrap().dev();
         let err = GuardedOps { rdev: dev }
-            .shutdown(Path::new("/proc"))
+            .shutdown(&FenceTarget::mount("/proc"))
             .expect_err("procfs is ours here, and not ext4");
         assert!(err.to_string().contains("not"), "{err}");
     }

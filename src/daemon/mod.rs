@@ -38,7 +38,8 @@ use crate::api::{ApiError, Command, ServeConfig, Server};
 use crate::core::session::SessionConfig;
 use crate::core::watchdog::{self, Guard};
 use crate::disk::runner::{open_lease, RunnerError};
-use crate::fence::{FenceOps, FileWatchdog, SystemOps, Watchdog};
+use crate::fence::device::DeviceOps;
+use crate::fence::{FenceOps, FileWatchdog, Watchdog};
 use crate::metrics::Metrics;
 use std::collections::HashMap;
 use std::future::Future;
@@ -116,7 +117,7 @@ pub struct Daemon {
 impl Daemon {
     /// Opens every volume, starts its task, the API and the watchdog feeder.
     pub async fn start(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
-        Daemon::start_with(cfg, Arc::new(SystemOps)).await
+        Daemon::start_with(cfg, Arc::new(DeviceOps)).await
     }
 
     /// [`Daemon::start`] with other fence operations (tests).

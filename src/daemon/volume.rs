@@ -883,21 +883,22 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
         let (tx, rx) = oneshot::channel();
         let ops = Arc::clone(&self.fence_ops);
         let deadline = self.at(deadline).into_std();
-        let rdev = self.rdev;
+        let device = self.rdev.map(|rdev| (self.device.clone(), rdev));
         let name = self.name.clone();
         self.fence_started = Some(Instant::now());
         tokio::task::spawn_blocking(move || {
-            let ok = match rdev {
-                Some(rdev) => {
-                    let f = fence_device(ops, rdev, deadline);
-                    for (m, r) in f.mounts.iter().zip(&f.reports) {
-                        tracing::warn!(volume = %name, mount = %m.display(), ok = r.ok,
-                            duration_ms = r.duration_ms, killed = ?r.killed, errors = ?r.errors, "fenced");
+            let ok = match device {
+                Some((device, rdev)) => {
+                    let r = fence_device(ops, &device, rdev, deadline);
+                    if r.ok {
+                        tracing::info!(volume = %name, device = %device.display(),
+                            duration_ms = r.duration_ms, killed = ?r.killed, "fenced");
+                    } else {
+                        tracing::error!(volume = %name, device = %device.display(),
+                            duration_ms = r.duration_ms, killed = ?r.killed, errors = ?r.errors,
+                            "fence failed: the lease is kept and the watchdog starved");
                     }
-                    if let Some(e) = &f.error {
-                        tracing::error!(volume = %name, error = %e, "fence failed");
-                    }
-                    f.ok
+                    r.ok
                 }
                 None => true,
             };

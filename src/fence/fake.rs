@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{FenceError, FenceOps};
+use super::{FenceError, FenceOps, FenceTarget};
 use crate::core::fence::Step;
 
 /// How the fake answers one step.
@@ -83,15 +83,16 @@ impl RecordingOps {
 }
 
 impl FenceOps for RecordingOps {
-    fn shutdown(&self, mount: &Path) -> Result<(), FenceError> {
-        self.act(Step::Shutdown, mount)
+    fn shutdown(&self, target: &FenceTarget) -> Result<(), FenceError> {
+        self.act(Step::Shutdown, &target.path)
     }
 
-    fn kill_holders(&self, mount: &Path) -> Result<Vec<i32>, FenceError> {
-        self.act(Step::KillHolders, mount).map(|()| Vec::new())
+    fn kill_holders(&self, target: &FenceTarget) -> Result<Vec<i32>, FenceError> {
+        self.act(Step::KillHolders, &target.path)
+            .map(|()| Vec::new())
     }
 
-    fn unmount(&self, mount: &Path) -> Result<(), FenceError> {
-        self.act(Step::Unmount, mount)
+    fn unmount(&self, target: &FenceTarget) -> Result<(), FenceError> {
+        self.act(Step::Unmount, &target.path)
     }
 }

@@ -14,14 +14,30 @@
 //!   own fdinfo.
 //! - Mappings: the `dev` column of `/proc/PID/maps`.
 //!
+//! - A descriptor, cwd or root on a mount that is in no namespace's mountinfo
+//!   (a lazily detached mount, or an internal one: pipes, sockets): its mount
+//!   id is unknown, so it is opened with `O_PATH` through the magic link and
+//!   `fstat`ed for its `st_dev`. This is the one place the scan may ask a
+//!   filesystem (`getattr`); it is done only for unknown mount ids.
+//!
+//! Not a holder: a process with the block device itself open (raw I/O, not
+//! through the filesystem). Killing by device number is unsafe once a device
+//! can be detached and its number reused (a `losetup -f` of an unrelated user
+//! opens the same number); NVMe reservations are what refuse a fenced node's
+//! raw writes.
+//!
+//! Processes are found in every PID namespace (the scan reads the host's
+//! /proc: the DaemonSet runs with `hostPID`), mounts in every mount namespace
+//! that has a process.
+//!
 //! PID 1 and this process are never killed. Scanning and killing repeat until a
 //! scan finds no holder (a process may fork or open a file between the scan and
-//! the kill), at most [`MAX_ROUNDS`] times. Not covered: a descriptor on a
-//! mount of the filesystem that is in no namespace's mountinfo any more (lazily
-//! detached) and not mapped; threads that left their process's fs context
-//! (`unshare(CLONE_FS)`) with a cwd on the mount. One call can still reach a
-//! filesystem: the kernel weakly revalidates the target of a followed magic
-//! link, which on NFS (not FUSE) may ask the server about a process's cwd.
+//! the kill), at most [`MAX_ROUNDS`] times. Not covered: threads that left their
+//! process's fs context (`unshare(CLONE_FS)`) with a cwd on the mount (the
+//! device fence's final `O_EXCL` check catches what stays mounted). One call can
+//! still reach a filesystem: the kernel weakly revalidates the target of a
+//! followed magic link, which on NFS (not FUSE) may ask the server about a
+//! process's cwd.
 
 use std::collections::{BTreeSet, HashSet};
 use std::fs;
@@ -131,79 +147,197 @@ fn fdinfo_mnt_id(path: &Path) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// The mount id of what the magic link `link` (`/proc/PID/cwd`, `root`) points
-/// to, without calling into that filesystem: an `O_PATH` open of the link's
-/// target, then our own fdinfo.
-fn link_mnt_id(link: &Path) -> Option<u64> {
-    let f = fs::OpenOptions::new()
+/// An `O_PATH` descriptor on what the magic link `link` (`/proc/PID/cwd`,
+/// `root`, `fd/N`) points to: no lookup or open in the target filesystem.
+fn open_link(link: &Path) -> Option<fs::File> {
+    fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_PATH)
         .open(link)
-        .ok()?;
+        .ok()
+}
+
+/// The mount id of what the magic link `link` points to, from our own fdinfo.
+fn link_mnt_id(link: &Path) -> Option<u64> {
+    let f = open_link(link)?;
     fdinfo_mnt_id(Path::new(&format!("/proc/self/fdinfo/{}", f.as_raw_fd())))
 }
 
-/// The mount ids of the filesystem of `m` in every mount namespace of `pids`.
-fn mount_ids(m: &MountEntry, pids: &[i32]) -> HashSet<u64> {
-    let mut ids: HashSet<u64> = HashSet::from([m.mount_id]);
-    let mut seen_ns = HashSet::new();
-    for pid in std::iter::once(std::process::id() as i32).chain(pids.iter().copied()) {
-        let Ok(ns) = fs::read_link(format!("/proc/{pid}/ns/mnt")) else {
-            continue;
-        };
-        if !seen_ns.insert(ns) {
-            continue;
-        }
-        if let Ok(text) = fs::read_to_string(format!("/proc/{pid}/mountinfo")) {
-            ids.extend(
-                parse_mountinfo(&text)
-                    .into_iter()
-                    .filter(|e| e.dev == m.dev)
-                    .map(|e| e.mount_id),
-            );
-        }
-    }
-    ids
+/// `st_dev` of what `link` points to.
+fn link_dev(link: &Path) -> Option<u64> {
+    let f = open_link(link)?;
+    nix::sys::stat::fstat(f.as_raw_fd())
+        .ok()
+        .map(|st| st.st_dev)
 }
 
-/// Whether process `pid` holds the filesystem (device `dev`, mount ids `ids`).
-fn holds(pid: i32, dev: u64, ids: &HashSet<u64>) -> bool {
-    let base = PathBuf::from(format!("/proc/{pid}"));
-    let on = |id: Option<u64>| id.is_some_and(|id| ids.contains(&id));
-    if on(link_mnt_id(&base.join("cwd"))) || on(link_mnt_id(&base.join("root"))) {
-        return true;
-    }
-    if let Ok(fds) = fs::read_dir(base.join("fdinfo")) {
-        if fds.flatten().any(|fd| on(fdinfo_mnt_id(&fd.path()))) {
-            return true;
+/// What to look for: a filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    /// `st_dev` of the filesystem's files (the device number of its device).
+    pub dev: u64,
+}
+
+/// A mount of the target's filesystem in some mount namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NsMount {
+    /// A process in that namespace (to reach it: `/proc/PID/root`, `ns/mnt`).
+    pub pid: i32,
+    /// The namespace (`mnt:[inode]`).
+    pub ns: PathBuf,
+    /// Whether it is this process's own namespace.
+    pub own: bool,
+    pub entry: MountEntry,
+}
+
+impl NsMount {
+    /// A path that reaches the mount from this process: the mount point in our
+    /// own namespace, else through `/proc/PID/root`.
+    pub fn reach(&self) -> PathBuf {
+        if self.own {
+            self.entry.mount_point.clone()
+        } else {
+            let rel = self
+                .entry
+                .mount_point
+                .strip_prefix("/")
+                .unwrap_or(&self.entry.mount_point);
+            PathBuf::from(format!("/proc/{}/root", self.pid)).join(rel)
         }
     }
-    if let Ok(maps) = fs::read_to_string(base.join("maps")) {
-        if maps.lines().any(|l| maps_line_on(l, dev)) {
+}
+
+/// Every process and mount of the node, as far as the target is concerned.
+#[derive(Debug, Default)]
+pub struct View {
+    /// Every pid but PID 1 and this process.
+    pub pids: Vec<i32>,
+    /// Mounts of the target's filesystem, one entry per namespace and mount.
+    pub mounts: Vec<NsMount>,
+    /// Mount ids of the target's filesystem, in every namespace.
+    dev_ids: HashSet<u64>,
+    /// Every mount id seen in any namespace.
+    known_ids: HashSet<u64>,
+}
+
+impl View {
+    /// Reads /proc: every process, and the mountinfo of every mount namespace
+    /// that has one (this process's first).
+    pub fn collect(target: Target) -> Result<View, FenceError> {
+        let me = std::process::id() as i32;
+        let proc_dir = Path::new("/proc");
+        let entries = fs::read_dir(proc_dir).map_err(|source| FenceError::Proc {
+            path: proc_dir.to_path_buf(),
+            source,
+        })?;
+        let pids: Vec<i32> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+            .filter(|&pid| pid > 1 && pid != me)
+            .collect();
+        let own_ns = fs::read_link("/proc/self/ns/mnt").map_err(|source| FenceError::Proc {
+            path: PathBuf::from("/proc/self/ns/mnt"),
+            source,
+        })?;
+        let mut v = View {
+            pids: pids.clone(),
+            ..View::default()
+        };
+        let mut seen_ns = HashSet::new();
+        for pid in std::iter::once(me).chain(pids) {
+            let Ok(ns) = fs::read_link(format!("/proc/{pid}/ns/mnt")) else {
+                continue;
+            };
+            if !seen_ns.insert(ns.clone()) {
+                continue;
+            }
+            let Ok(text) = fs::read_to_string(format!("/proc/{pid}/mountinfo")) else {
+                continue;
+            };
+            for e in parse_mountinfo(&text) {
+                v.known_ids.insert(e.mount_id);
+                if e.dev == target.dev {
+                    v.dev_ids.insert(e.mount_id);
+                    v.mounts.push(NsMount {
+                        pid,
+                        ns: ns.clone(),
+                        own: ns == own_ns,
+                        entry: e,
+                    });
+                }
+            }
+        }
+        Ok(v)
+    }
+
+    /// Whether a descriptor (or cwd, root) with mount id `mnt_id`, reached
+    /// through `link`, is on the target's filesystem.
+    fn on_fs(&self, target: Target, mnt_id: u64, link: &Path) -> bool {
+        if self.dev_ids.contains(&mnt_id) {
             return true;
         }
+        // A detached or internal mount: ask what it is.
+        !self.known_ids.contains(&mnt_id) && link_dev(link) == Some(target.dev)
     }
-    false
+
+    /// Whether process `pid` holds the target.
+    fn holds(&self, target: Target, pid: i32) -> bool {
+        let base = PathBuf::from(format!("/proc/{pid}"));
+        for link in ["cwd", "root"] {
+            let link = base.join(link);
+            if link_mnt_id(&link).is_some_and(|id| self.on_fs(target, id, &link)) {
+                return true;
+            }
+        }
+        if let Ok(fds) = fs::read_dir(base.join("fdinfo")) {
+            for fd in fds.flatten() {
+                let Some(mnt_id) = fdinfo_mnt_id(&fd.path()) else {
+                    continue;
+                };
+                if self.on_fs(target, mnt_id, &base.join("fd").join(fd.file_name())) {
+                    return true;
+                }
+            }
+        }
+        if let Ok(maps) = fs::read_to_string(base.join("maps")) {
+            if maps.lines().any(|l| maps_line_on(l, target.dev)) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Every process (but PID 1 and this one) that holds the target.
+    pub fn holders(&self, target: Target) -> Vec<i32> {
+        self.pids
+            .iter()
+            .copied()
+            .filter(|&pid| self.holds(target, pid))
+            .collect()
+    }
+
+    /// A path to some open file of the target's filesystem, through the holder's
+    /// descriptor (`/proc/PID/fd/N`): the way to reach a filesystem that is
+    /// mounted nowhere any more (lazily detached) but still held open.
+    pub fn any_open_file(&self, target: Target) -> Option<PathBuf> {
+        self.pids.iter().find_map(|pid| {
+            let base = PathBuf::from(format!("/proc/{pid}"));
+            fs::read_dir(base.join("fdinfo"))
+                .ok()?
+                .flatten()
+                .find_map(|fd| {
+                    let mnt_id = fdinfo_mnt_id(&fd.path())?;
+                    let link = base.join("fd").join(fd.file_name());
+                    self.on_fs(target, mnt_id, &link).then_some(link)
+                })
+        })
+    }
 }
 
 /// Every process (but PID 1 and this one) that holds the filesystem of `m`.
 pub fn scan(m: &MountEntry) -> Result<Vec<i32>, FenceError> {
-    let me = std::process::id() as i32;
-    let proc_dir = Path::new("/proc");
-    let entries = fs::read_dir(proc_dir).map_err(|source| FenceError::Proc {
-        path: proc_dir.to_path_buf(),
-        source,
-    })?;
-    let pids: Vec<i32> = entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
-        .filter(|&pid| pid > 1 && pid != me)
-        .collect();
-    let ids = mount_ids(m, &pids);
-    Ok(pids
-        .into_iter()
-        .filter(|&pid| holds(pid, m.dev, &ids))
-        .collect())
+    let target = Target { dev: m.dev };
+    Ok(View::collect(target)?.holders(target))
 }
 
 /// Whether `pid` has exited (gone, or a zombie: its files are released).
@@ -220,9 +354,16 @@ fn exited(pid: i32) -> bool {
 /// SIGKILLs every holder of `m` until a scan finds none; returns the pids
 /// killed. Fails with the pids still holding after [`MAX_ROUNDS`].
 pub fn kill_all(m: &MountEntry) -> Result<Vec<i32>, FenceError> {
+    kill_all_of(Target { dev: m.dev })
+}
+
+/// SIGKILLs every holder of `target`, in every PID namespace, until a scan
+/// finds none; returns the pids killed. Fails with the pids still holding
+/// after [`MAX_ROUNDS`].
+pub fn kill_all_of(target: Target) -> Result<Vec<i32>, FenceError> {
     let mut killed = BTreeSet::new();
     for _ in 0..MAX_ROUNDS {
-        let holders = scan(m)?;
+        let holders = View::collect(target)?.holders(target);
         if holders.is_empty() {
             return Ok(killed.into_iter().collect());
         }
@@ -239,7 +380,7 @@ pub fn kill_all(m: &MountEntry) -> Result<Vec<i32>, FenceError> {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
-    let left = scan(m)?;
+    let left = View::collect(target)?.holders(target);
     if left.is_empty() {
         return Ok(killed.into_iter().collect());
     }

@@ -25,11 +25,12 @@
 //! What this module must not do: decide anything the machine decides (order,
 //! deadlines, when to starve), or feed the watchdog after a starve.
 
+pub mod device;
 pub mod fake;
 pub mod holders;
 pub mod watchdog;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -65,18 +66,52 @@ pub enum FenceError {
         source: nix::errno::Errno,
         detached: bool,
     },
+    #[error("{}: still in use after every mount of it in every namespace was unmounted \
+        (an exclusive open fails with EBUSY): a lazily detached filesystem, a mount namespace \
+        with no process left, or another exclusive user", device.display())]
+    DeviceBusy { device: PathBuf },
     #[error("the fake was told to fail {step:?}")]
     Fake { step: Step },
 }
 
-/// The operations of the fence, on one mount of this node.
+/// What a fence is for: a mount point (`blockfence run`'s own mount), or a
+/// block device (the daemon: every mount of it in every namespace).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FenceTarget {
+    /// The mount point, or the device node.
+    pub path: PathBuf,
+    /// The device number of a device target, known from when it was opened:
+    /// the fence still finds its mounts after the device node went away.
+    pub dev: Option<u64>,
+}
+
+impl FenceTarget {
+    /// A mount point.
+    pub fn mount(path: impl Into<PathBuf>) -> FenceTarget {
+        FenceTarget {
+            path: path.into(),
+            dev: None,
+        }
+    }
+
+    /// A block device at `path` with device number `dev`.
+    pub fn device(path: impl Into<PathBuf>, dev: u64) -> FenceTarget {
+        FenceTarget {
+            path: path.into(),
+            dev: Some(dev),
+        }
+    }
+}
+
+/// The operations of the fence, on one target of this node: a mount point
+/// ([`SystemOps`]) or a block device ([`device::DeviceOps`]).
 pub trait FenceOps: Send + Sync {
-    /// Stops all writes through the filesystem mounted at `mount`.
-    fn shutdown(&self, mount: &Path) -> Result<(), FenceError>;
-    /// SIGKILLs every process holding the filesystem; returns their pids.
-    fn kill_holders(&self, mount: &Path) -> Result<Vec<i32>, FenceError>;
-    /// Unmounts `mount`.
-    fn unmount(&self, mount: &Path) -> Result<(), FenceError>;
+    /// Stops all writes through the target's filesystem.
+    fn shutdown(&self, target: &FenceTarget) -> Result<(), FenceError>;
+    /// SIGKILLs every process holding the target; returns their pids.
+    fn kill_holders(&self, target: &FenceTarget) -> Result<Vec<i32>, FenceError>;
+    /// Unmounts the target.
+    fn unmount(&self, target: &FenceTarget) -> Result<(), FenceError>;
 }
 
 /// The real operations: ioctl, /proc, signals, umount2.
@@ -84,20 +119,23 @@ pub trait FenceOps: Send + Sync {
 pub struct SystemOps;
 
 impl FenceOps for SystemOps {
-    fn shutdown(&self, mount: &Path) -> Result<(), FenceError> {
+    fn shutdown(&self, target: &FenceTarget) -> Result<(), FenceError> {
+        let mount = target.path.as_path();
         crate::ext4::shutdown(mount, ShutdownMode::NoLogFlush)?;
         Ok(())
     }
 
-    fn kill_holders(&self, mount: &Path) -> Result<Vec<i32>, FenceError> {
+    fn kill_holders(&self, target: &FenceTarget) -> Result<Vec<i32>, FenceError> {
+        let mount = target.path.as_path();
         let m = holders::find_mount(mount)?.ok_or_else(|| FenceError::NotMounted {
             mount: mount.to_path_buf(),
         })?;
         holders::kill_all(&m)
     }
 
-    fn unmount(&self, mount: &Path) -> Result<(), FenceError> {
+    fn unmount(&self, target: &FenceTarget) -> Result<(), FenceError> {
         use nix::mount::{umount2, MntFlags};
+        let mount = target.path.as_path();
         let Some(m) = holders::find_mount(mount)? else {
             return Ok(());
         };
@@ -146,11 +184,11 @@ type StepResult = (Step, Result<Vec<i32>, FenceError>);
 
 fn spawn_step<O: FenceOps + 'static>(
     ops: &Arc<O>,
-    mount: &Path,
+    target: &FenceTarget,
     step: Step,
     tx: &mpsc::Sender<StepResult>,
 ) {
-    let (ops, mount, results) = (Arc::clone(ops), mount.to_path_buf(), tx.clone());
+    let (ops, mount, results) = (Arc::clone(ops), target.clone(), tx.clone());
     let name = format!("fence-{step:?}").to_lowercase();
     let run = move || {
         let res = match step {
@@ -173,15 +211,16 @@ fn spawn_step<O: FenceOps + 'static>(
     }
 }
 
-/// Fences `mount`: runs the machine with this node's monotonic clock until it
-/// is done, which is by `deadline` at the latest (plus scheduling delay).
+/// Fences `target`: runs the machine with this node's monotonic clock until
+/// it is done, which is by `deadline` at the latest (plus scheduling delay).
 /// Steps still hung at the end are left running on their threads.
 pub fn run_fence<O: FenceOps + 'static>(
     ops: Arc<O>,
     watchdog: &mut dyn Watchdog,
-    mount: &Path,
+    target: &FenceTarget,
     deadline: Instant,
 ) -> FenceReport {
+    let mount = target.path.as_path();
     let base = Instant::now();
     let ms = |t: Instant| t.saturating_duration_since(base).as_millis() as Millis;
     let (tx, rx) = mpsc::channel::<StepResult>();
@@ -204,7 +243,7 @@ pub fn run_fence<O: FenceOps + 'static>(
                 FenceAction::Shutdown | FenceAction::KillHolders | FenceAction::Unmount => {
                     let step = action.step().expect("a step action");
                     tracing::info!(mount = %mount.display(), ?step, "fence step");
-                    spawn_step(&ops, mount, step, &tx);
+                    spawn_step(&ops, target, step, &tx);
                 }
                 FenceAction::ArmTimer(at) => timer = Some(at),
                 FenceAction::WatchdogStarve(reason) => {
@@ -290,14 +329,17 @@ mod tests {
         let r = run_fence(
             ops.clone(),
             &mut w,
-            Path::new("/mnt/x"),
+            &FenceTarget::mount("/mnt/x"),
             start + Duration::from_secs(5),
         );
         assert!(r.ok, "{r:?}");
         assert!(r.starved.is_none());
         let calls: Vec<Step> = ops.calls().iter().map(|c| c.step).collect();
         assert_eq!(calls, crate::core::fence::STEPS.to_vec());
-        assert!(ops.calls().iter().all(|c| c.mount == Path::new("/mnt/x")));
+        assert!(ops
+            .calls()
+            .iter()
+            .all(|c| c.mount == std::path::Path::new("/mnt/x")));
         assert!(!w.feeds.is_empty() && !w.starved);
         assert!(
             start.elapsed() < Duration::from_secs(1),
@@ -316,7 +358,7 @@ mod tests {
         let r = run_fence(
             ops.clone(),
             &mut w,
-            Path::new("/mnt/x"),
+            &FenceTarget::mount("/mnt/x"),
             Instant::now() + Duration::from_secs(5),
         );
         assert!(!r.ok);

@@ -2,10 +2,12 @@
 //! image, `blockfence format`, one HTTP/1.1 request over the API's Unix
 //! socket, and waiting for a volume event.
 
-use super::run_ok;
+use super::{run_ok, AlignedBuf};
 use blockfence::api::{VolumeEvent, VolumeEventKind};
 use serde_json::Value;
+use std::fs::OpenOptions;
 use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -103,4 +105,26 @@ pub async fn next_event(
     tokio::time::timeout(Duration::from_secs(30), wait)
         .await
         .expect("the event within 30 s")
+}
+
+/// Chunk of the whole-device reads of [`device_digest`].
+const DIGEST_CHUNK: usize = 1 << 20;
+
+/// crc32c of every MiB of the first `size` bytes of `device`, read with
+/// O_DIRECT (through a second loop device: no page cache shared with the
+/// writer's), to see whether anything lands on the device.
+pub fn device_digest(device: &Path, size: u64) -> Vec<u32> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(device)
+        .expect("open O_DIRECT");
+    let mut buf = AlignedBuf::zeroed(DIGEST_CHUNK);
+    (0..size / DIGEST_CHUNK as u64)
+        .map(|i| {
+            file.read_exact_at(buf.as_mut_slice(), i * DIGEST_CHUNK as u64)
+                .expect("O_DIRECT read");
+            crc32c::crc32c(buf.as_slice())
+        })
+        .collect()
 }
