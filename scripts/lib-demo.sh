@@ -89,6 +89,10 @@ demo_install_deps() {
     command -v mount >/dev/null || pkgs+=(mount)
     command -v curl >/dev/null || pkgs+=(curl)
     command -v ss >/dev/null || pkgs+=(iproute2)
+    # The demo builds blockfence first: libudev-dev and pkg-config.
+    # shellcheck source=lib-deps.sh
+    . "$(dirname "${BASH_SOURCE[0]}")/lib-deps.sh"
+    deps_ensure "${DEPS_BUILD[@]}" || demo_die "cannot install ${DEPS_BUILD[*]}"
     if ((${#pkgs[@]})); then
         echo "installing missing packages: ${pkgs[*]}"
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" ||
