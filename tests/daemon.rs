@@ -18,7 +18,9 @@ use blockfence::api::VolumeEventKind;
 use blockfence::daemon::config::{DaemonConfig, ParamOverrides, VolumeSpec};
 use blockfence::daemon::Daemon;
 use blockfence::fence::fake::{Behavior, RecordingOps};
-use common::daemon_kit::{device_digest, format_for_two, http, http_text, next_event, Loop, BIN};
+use common::daemon_kit::{
+    assert_unchanged_after, device_digest, format_for_two, http, http_text, next_event, Loop, BIN,
+};
 use common::{
     is_mountpoint, require_root_loop, require_root_loop_fuse, run_ok, Mode, NodePath, Scratch,
     SharedImage,
@@ -322,10 +324,6 @@ async fn a_silent_session_is_fenced_writers_killed_and_then_the_lease_released()
     b.shutdown().await.unwrap();
 }
 
-/// How long after the fence the device is watched for late writes (an
-/// observation window, not a wait for an event).
-const LATE_WRITE_WINDOW: Duration = Duration::from_millis(500);
-
 /// A writer in a mount and PID namespace of its own (as a pod's container
 /// is): it mounts `device` at `dir` there (`--propagation private`: the mount
 /// never shows in the daemon's namespace), says `mounted` on stdout, and
@@ -431,16 +429,7 @@ async fn a_namespaced_writer_is_fenced_before_the_lease_is_released(name: &str, 
     })
     .await;
     assert!(released_at >= fenced_at);
-    // Nothing lands after the fence.
-    std::thread::sleep(LATE_WRITE_WINDOW);
-    let digest_later = device_digest(&pair.lb.0, IMAGE_SIZE);
-    let changed: Vec<usize> = (0..digest_after.len())
-        .filter(|&i| digest_after[i] != digest_later[i])
-        .collect();
-    assert!(
-        changed.is_empty(),
-        "MiB {changed:?} changed after the fence"
-    );
+    assert_unchanged_after(&pair.lb.0, IMAGE_SIZE, &digest_after);
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }

@@ -13,7 +13,7 @@
 
 mod common;
 
-use common::daemon_kit::{device_digest, Loop};
+use common::daemon_kit::{assert_unchanged_after, device_digest, Loop, LATE_WRITE_WINDOW};
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader};
@@ -35,8 +35,6 @@ const IMAGE_SIZE: u64 = 64 << 20;
 const CHUNK: usize = 1 << 20;
 /// The fence budget given to `run_fence` (the default `fence_timeout`).
 const FENCE_BUDGET: Duration = Duration::from_secs(3);
-/// How long after the fence the device is watched for late writes.
-const LATE_WRITE_WINDOW: Duration = Duration::from_millis(500);
 
 /// A mount point; lazily unmounted on drop if the test left it mounted.
 struct MountDir(tempfile::TempDir);
@@ -291,15 +289,7 @@ fn fence_stops_every_writer_on_a_loop_mount() {
     }
 
     // Nothing lands afterwards: the device and the file stay as they were.
-    std::thread::sleep(LATE_WRITE_WINDOW); // an observation window, not a wait for an event
-    let digest_later = device_digest(b.path(), IMAGE_SIZE);
-    let changed: Vec<usize> = (0..digest_after.len())
-        .filter(|&i| digest_after[i] != digest_later[i])
-        .collect();
-    assert!(
-        changed.is_empty(),
-        "MiB {changed:?} changed after the fence"
-    );
+    assert_unchanged_after(b.path(), IMAGE_SIZE, &digest_after);
     assert_eq!(debugfs_cat(b.path(), "/log"), log_after);
 
     // The filesystem as a peer would find it: a copy of B, its journal replayed

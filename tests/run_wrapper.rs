@@ -16,16 +16,14 @@
 
 mod common;
 
-use common::daemon_kit::Loop;
+use common::daemon_kit::{assert_unchanged_after, device_digest, Loop};
 
 use blockfence::api::{StopReason, VolumeState};
 use common::api_server::TestApi;
-use common::{process_state, require_root_loop, run_ok, run_with_timeout, AlignedBuf, SharedImage};
+use common::{process_state, require_root_loop, run_ok, run_with_timeout, SharedImage};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Read};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -35,12 +33,8 @@ use std::time::Duration;
 const BIN: &str = env!("CARGO_BIN_EXE_blockfence");
 /// Size of the shared image.
 const IMAGE_SIZE: u64 = 64 << 20;
-/// Chunk of the whole-device reads.
-const CHUNK: usize = 1 << 20;
 /// Longest wait for any single event of a wrapper (a line, its exit).
 const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long after the fence the device is watched for late writes.
-const LATE_WRITE_WINDOW: Duration = Duration::from_millis(500);
 
 /// Writes on the mount in a loop, O_DIRECT, one `round` line per pass; prints
 /// its pid first. Arguments: the mount point.
@@ -86,23 +80,6 @@ fn api_for(device: &Path) -> TestApi {
         k.devices.insert("pg".into(), device);
     });
     api
-}
-
-/// crc32c of every MiB of `device`, read with O_DIRECT.
-fn device_digest(device: &Path) -> Vec<u32> {
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(device)
-        .expect("open O_DIRECT");
-    let mut buf = AlignedBuf::zeroed(CHUNK);
-    (0..IMAGE_SIZE / CHUNK as u64)
-        .map(|i| {
-            file.read_exact_at(buf.as_mut_slice(), i * CHUNK as u64)
-                .expect("O_DIRECT read");
-            crc32c::crc32c(buf.as_slice())
-        })
-        .collect()
 }
 
 /// `debugfs -D` (O_DIRECT) `cat` of `file` on `device`.
@@ -274,14 +251,7 @@ fn volume_state(api: &TestApi) -> (VolumeState, Option<String>) {
 
 /// After a fence: nothing reaches the device through loop B any more.
 fn assert_device_quiet(b: &Path) {
-    let after = device_digest(b);
-    std::thread::sleep(LATE_WRITE_WINDOW); // an observation window, not a wait for an event
-    let later = device_digest(b);
-    let changed: Vec<usize> = (0..after.len()).filter(|&i| after[i] != later[i]).collect();
-    assert!(
-        changed.is_empty(),
-        "MiB {changed:?} changed after the fence"
-    );
+    assert_unchanged_after(b, IMAGE_SIZE, &device_digest(b, IMAGE_SIZE));
 }
 
 /// Starts the writer and checks that its writes show through loop B (or the
@@ -289,12 +259,12 @@ fn assert_device_quiet(b: &Path) {
 fn start_writing(w: &mut Wrapper, b: &Path) -> i32 {
     w.expect_line("started");
     let pid = w.command_pid.expect("the writer printed its pid");
-    let before = device_digest(b);
+    let before = device_digest(b, IMAGE_SIZE);
     w.expect_line("round");
     w.expect_line("round");
     assert_ne!(
         before,
-        device_digest(b),
+        device_digest(b, IMAGE_SIZE),
         "writes through A must show through B"
     );
     pid

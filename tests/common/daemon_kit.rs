@@ -128,3 +128,20 @@ pub fn device_digest(device: &Path, size: u64) -> Vec<u32> {
         })
         .collect()
 }
+
+/// How long after a fence a device is watched for late writes.
+pub const LATE_WRITE_WINDOW: Duration = Duration::from_millis(500);
+
+/// Asserts that nothing lands on `device` (its first `size` bytes) for
+/// [`LATE_WRITE_WINDOW`] after `digest` ([`device_digest`]) was taken.
+pub fn assert_unchanged_after(device: &Path, size: u64, digest: &[u32]) {
+    std::thread::sleep(LATE_WRITE_WINDOW); // an observation window, not a wait for an event
+    let later = device_digest(device, size);
+    let changed: Vec<usize> = (0..digest.len())
+        .filter(|&i| digest[i] != later[i])
+        .collect();
+    assert!(
+        changed.is_empty(),
+        "MiB {changed:?} changed after the fence"
+    );
+}
