@@ -33,7 +33,7 @@ use crate::ext4::{Ext4Error, ShutdownMode};
 use crate::fence::{self, holders, FenceError, FenceOps, FenceTarget, SystemOps, Watchdog};
 use anyhow::{anyhow, bail, Context};
 use nix::errno::Errno;
-use nix::mount::{MntFlags, MsFlags};
+use nix::mount::MntFlags;
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use std::ffi::OsString;
@@ -74,8 +74,7 @@ pub const FORWARDED_SIGNALS: [Signal; 6] = [
     Signal::SIGUSR1,
     Signal::SIGUSR2,
 ];
-/// The filesystem type mounted.
-pub const FS_TYPE: &str = "ext4";
+pub use crate::nsmount::{mount_spec, MountSpec, FS_TYPE};
 
 const AFTER_HELP: &str = "\
 What it does:
@@ -162,8 +161,8 @@ pub enum RunError {
     NotADirectory { path: PathBuf },
     #[error("{} is already a mount point; unmount it first or choose another --mount", path.display())]
     AlreadyMounted { path: PathBuf },
-    #[error("mount option {option:?}: {why}")]
-    BadMountOption { option: String, why: &'static str },
+    #[error(transparent)]
+    BadMountOption(#[from] crate::nsmount::BadMountOption),
     #[error("command not found: {command:?} ({why})")]
     CommandNotFound { command: String, why: String },
     #[error("the granted device {}: {why}", device.display())]
@@ -227,88 +226,6 @@ fn parse_signal(s: &str) -> Result<Signal, String> {
         format!("SIG{upper}")
     };
     Signal::from_str(&name).map_err(|_| format!("unknown signal {s:?} (e.g. SIGTERM, INT, 15)"))
-}
-
-/// How to call mount(2): flags and the filesystem's option string.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountSpec {
-    /// VFS flags (ro, nosuid, noatime, ...).
-    pub flags: MsFlags,
-    /// What ext4 parses (errors=remount-ro, data=ordered, ...).
-    pub data: String,
-}
-
-/// The mount(2) arguments for the granted options plus the extra ones. The
-/// [`api::REQUIRED_MOUNT_OPTIONS`] are always included, and no extra option
-/// may weaken them (`errors=continue`).
-pub fn mount_spec(granted: &[String], extra: &[String]) -> Result<MountSpec, RunError> {
-    let mut flags = MsFlags::empty();
-    let mut data: Vec<String> = Vec::new();
-    let required = api::REQUIRED_MOUNT_OPTIONS.iter().map(|s| s.to_string());
-    let extra_checked = extra
-        .iter()
-        .map(|o| {
-            if let Some(mode) = o.strip_prefix("errors=") {
-                if mode != "remount-ro" && mode != "panic" {
-                    return Err(RunError::BadMountOption {
-                        option: o.clone(),
-                        why: "a filesystem error must stop writes: only errors=remount-ro or errors=panic",
-                    });
-                }
-            }
-            Ok(o.clone())
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    for opt in granted.iter().cloned().chain(required).chain(extra_checked) {
-        let opt = opt.trim().to_string();
-        let (set, clear) = match opt.as_str() {
-            "" | "defaults" => continue,
-            "ro" => (MsFlags::MS_RDONLY, MsFlags::empty()),
-            "rw" => (MsFlags::empty(), MsFlags::MS_RDONLY),
-            "nosuid" => (MsFlags::MS_NOSUID, MsFlags::empty()),
-            "suid" => (MsFlags::empty(), MsFlags::MS_NOSUID),
-            "nodev" => (MsFlags::MS_NODEV, MsFlags::empty()),
-            "dev" => (MsFlags::empty(), MsFlags::MS_NODEV),
-            "noexec" => (MsFlags::MS_NOEXEC, MsFlags::empty()),
-            "exec" => (MsFlags::empty(), MsFlags::MS_NOEXEC),
-            "sync" => (MsFlags::MS_SYNCHRONOUS, MsFlags::empty()),
-            "async" => (MsFlags::empty(), MsFlags::MS_SYNCHRONOUS),
-            "dirsync" => (MsFlags::MS_DIRSYNC, MsFlags::empty()),
-            "noatime" => (MsFlags::MS_NOATIME, MsFlags::MS_RELATIME),
-            "atime" => (MsFlags::empty(), MsFlags::MS_NOATIME),
-            "nodiratime" => (MsFlags::MS_NODIRATIME, MsFlags::empty()),
-            "diratime" => (MsFlags::empty(), MsFlags::MS_NODIRATIME),
-            "relatime" => (MsFlags::MS_RELATIME, MsFlags::MS_NOATIME),
-            "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::MS_NOATIME),
-            "lazytime" => (MsFlags::MS_LAZYTIME, MsFlags::empty()),
-            "silent" => (MsFlags::MS_SILENT, MsFlags::empty()),
-            "remount" | "bind" | "rbind" | "move" => {
-                return Err(RunError::BadMountOption {
-                    option: opt,
-                    why: "not a filesystem option",
-                })
-            }
-            _ => {
-                if !data.contains(&opt) {
-                    data.push(opt);
-                }
-                continue;
-            }
-        };
-        flags = (flags - clear) | set;
-    }
-    // The required options last, so that no earlier one overrides them
-    // (ext4 takes the last errors=); an extra errors=panic stays last.
-    let panic = data.iter().any(|o| o == "errors=panic");
-    data.retain(|o| !o.starts_with("errors="));
-    data.extend(api::REQUIRED_MOUNT_OPTIONS.iter().map(|s| s.to_string()));
-    if panic {
-        data.push("errors=panic".into());
-    }
-    Ok(MountSpec {
-        flags,
-        data: data.join(","),
-    })
 }
 
 /// Splits `--mount-options`.
@@ -1125,37 +1042,6 @@ fn unmount_volume(dir: &Path, rdev: Option<u64>) -> Result<(), RunError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn s(v: &[&str]) -> Vec<String> {
-        v.iter().map(|x| x.to_string()).collect()
-    }
-
-    #[test]
-    fn vfs_flags_are_flags_and_the_rest_goes_to_ext4() {
-        let spec = mount_spec(
-            &s(&["errors=remount-ro", "noatime"]),
-            &s(&["nodev", "data=ordered", "sync"]),
-        )
-        .unwrap();
-        assert_eq!(
-            spec.flags,
-            MsFlags::MS_NOATIME | MsFlags::MS_NODEV | MsFlags::MS_SYNCHRONOUS
-        );
-        assert_eq!(spec.data, "data=ordered,errors=remount-ro");
-    }
-
-    #[test]
-    fn errors_remount_ro_is_never_dropped_or_weakened() {
-        // Missing from the grant: added.
-        assert_eq!(mount_spec(&[], &[]).unwrap().data, "errors=remount-ro");
-        // Weakened by an extra option: refused.
-        let err = mount_spec(&s(&["errors=remount-ro"]), &s(&["errors=continue"])).unwrap_err();
-        assert!(err.to_string().contains("errors=continue"), "{err}");
-        // Stricter: kept last, so ext4 uses it.
-        let spec = mount_spec(&s(&["errors=remount-ro"]), &s(&["errors=panic"])).unwrap();
-        assert_eq!(spec.data, "errors=remount-ro,errors=panic");
-        assert!(mount_spec(&[], &s(&["bind"])).is_err());
-    }
 
     #[test]
     fn signals_parse_by_name_and_number() {
