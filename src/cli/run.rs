@@ -101,6 +101,19 @@ What it does:
      unmount fails the volume is not released (the daemon then fences it when
      the session times out).
 
+Unprivileged containers (--daemon-mount):
+  A container without CAP_SYS_ADMIN cannot mount ext4. With --daemon-mount,
+  step 1 asks the daemon to mount instead (POST /v1/volumes/VOLUME/mount over
+  --socket): the daemon identifies this process by the socket and mounts the
+  granted device on DIR in this process's mount namespace. DIR must exist in
+  it (or --mkdir) and be reached without symlinks; --mount-options are not
+  accepted (the grant's options are used). At the end DIR is synced and the
+  volume released: the daemon's release fence unmounts it, in every
+  namespace. If the grant runs out, this wrapper can neither shut down nor
+  unmount the filesystem: it kills COMMAND and every process of its own
+  holding the filesystem, and the daemon's fence (when the session expires)
+  shuts it down and unmounts it.
+
 Exit codes:
   COMMAND's status  COMMAND exited (128+N if killed by signal N)
   1                 an error: no daemon at the socket, unknown volume, DIR
@@ -141,6 +154,11 @@ pub struct Args {
     /// errors=remount-ro cannot be weakened.
     #[arg(long, value_name = "OPTS", env = "BLOCKFENCE_MOUNT_OPTIONS")]
     pub mount_options: Option<String>,
+    /// Ask the daemon to mount the volume on DIR in this process's mount
+    /// namespace instead of mounting it here: for containers without
+    /// CAP_SYS_ADMIN. The daemon's fence is then what unmounts it.
+    #[arg(long, env = "BLOCKFENCE_DAEMON_MOUNT", conflicts_with = "mount_options")]
+    pub daemon_mount: bool,
     /// Create DIR (and its parents) if it does not exist.
     #[arg(long, env = "BLOCKFENCE_MKDIR")]
     pub mkdir: bool,
@@ -174,6 +192,8 @@ pub enum RunError {
         options: String,
         errno: Errno,
     },
+    #[error("the daemon could not mount the volume on {}: {error}", dir.display())]
+    DaemonMount { dir: PathBuf, error: String },
     #[error("starting {command:?}: {error}")]
     Spawn {
         command: String,
@@ -679,11 +699,39 @@ impl Session {
     }
 
     fn start_mount(&mut self) {
+        if self.args.daemon_mount {
+            return self.start_daemon_mount();
+        }
         self.mounting = true;
         let device = PathBuf::from(&self.grant.device);
         let (dir, spec, tx) = (self.dir.clone(), self.spec.clone(), self.tx.clone());
         tokio::task::spawn_blocking(move || {
             let _ = tx.send(Event::Mounted(mount_volume(&device, &dir, &spec)));
+        });
+    }
+
+    /// `--daemon-mount`: the daemon mounts on DIR in this namespace; the
+    /// device number is that of the filesystem now at DIR.
+    fn start_daemon_mount(&mut self) {
+        self.mounting = true;
+        let client = self.client.clone();
+        let (volume, session) = (self.args.volume.clone(), self.grant.session.clone());
+        let (dir, tx) = (self.dir.clone(), self.tx.clone());
+        tokio::spawn(async move {
+            let failed = |error: String| RunError::DaemonMount {
+                dir: dir.clone(),
+                error,
+            };
+            let result = match client.mount(&volume, &session, &dir).await {
+                Ok(m) => std::fs::metadata(&dir)
+                    .map(|meta| {
+                        tracing::info!(device = %m.device, dir = %dir.display(), "mounted by the daemon");
+                        meta.dev()
+                    })
+                    .map_err(|e| failed(format!("it answered, but {e}"))),
+                Err(e) => Err(failed(short_error(&e))),
+            };
+            let _ = tx.send(Event::Mounted(result));
         });
     }
 
@@ -744,8 +792,16 @@ impl Session {
 
     fn start_unmount(&self) {
         let (dir, rdev, tx) = (self.dir.clone(), self.rdev, self.tx.clone());
+        let daemon_mount = self.args.daemon_mount;
         tokio::task::spawn_blocking(move || {
-            let _ = tx.send(Event::Unmounted(unmount_volume(&dir, rdev)));
+            let result = if daemon_mount {
+                // No privilege to unmount: sync, and let the release's fence
+                // (the daemon's) unmount it everywhere.
+                sync_volume(&dir, rdev)
+            } else {
+                unmount_volume(&dir, rdev)
+            };
+            let _ = tx.send(Event::Unmounted(result));
         });
     }
 
@@ -770,6 +826,32 @@ impl Session {
             }
         }
         let (fenced_ok, summary) = match self.rdev {
+            Some(rdev) if self.args.daemon_mount => {
+                // Without CAP_SYS_ADMIN neither the shutdown nor the unmount
+                // would work: kill what writes from here; the daemon's fence
+                // (at the session's expiry) shuts down and unmounts.
+                let dir = self.dir.clone();
+                let killed = tokio::task::spawn_blocking(move || match holders::find_mount(&dir) {
+                    Ok(Some(m)) if m.dev == rdev => holders::kill_all(&m),
+                    Ok(_) => Ok(Vec::new()),
+                    Err(e) => Err(e),
+                })
+                .await;
+                match killed {
+                    Ok(Ok(killed)) => (
+                        true,
+                        format!(
+                            "{}{} other holder(s) killed; {} stays mounted until the daemon's \
+                             fence unmounts it (--daemon-mount)",
+                            if had_child { "command killed, " } else { "" },
+                            killed.len(),
+                            self.dir.display()
+                        ),
+                    ),
+                    Ok(Err(e)) => (false, format!("FENCE INCOMPLETE: {e}")),
+                    Err(e) => (false, format!("FENCE FAILED: {e}")),
+                }
+            }
             Some(rdev) => {
                 let dir = self.dir.clone();
                 let report = tokio::task::spawn_blocking(move || {
@@ -996,6 +1078,34 @@ fn mount_volume(device: &Path, dir: &Path, spec: &MountSpec) -> Result<u64, RunE
     })?;
     tracing::info!(device = %device.display(), dir = %dir.display(), options = %spec.data, "mounted");
     Ok(meta.rdev())
+}
+
+/// `--daemon-mount`'s end: syncs `dir` if the granted device (`rdev`) is
+/// mounted there (the daemon's fence after the release shuts the filesystem
+/// down without flushing its log, then unmounts it).
+fn sync_volume(dir: &Path, rdev: Option<u64>) -> Result<(), RunError> {
+    let Some(rdev) = rdev else { return Ok(()) };
+    match holders::find_mount(dir)? {
+        Some(m) if m.dev == rdev => {}
+        Some(_) => {
+            return Err(RunError::ForeignMount {
+                dir: dir.to_path_buf(),
+            })
+        }
+        None => return Ok(()),
+    }
+    let f = std::fs::File::open(dir).map_err(|error| RunError::MountDir {
+        path: dir.to_path_buf(),
+        error,
+    })?;
+    use std::os::fd::AsRawFd;
+    nix::unistd::syncfs(f.as_raw_fd()).map_err(|errno| RunError::Unmount {
+        dir: dir.to_path_buf(),
+        errno,
+        busy_after_kill: false,
+    })?;
+    tracing::info!(dir = %dir.display(), "synced; the daemon unmounts it on release");
+    Ok(())
 }
 
 /// Syncs and unmounts `dir` if the granted device (`rdev`) is mounted there;
