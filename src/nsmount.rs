@@ -218,7 +218,12 @@ pub fn fs_plan(spec: &MountSpec) -> FsPlan {
         }
     }
     // MS_SILENT only quiets mount(2)'s log; the new API has no such flag.
-    for opt in spec.data.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+    for opt in spec
+        .data
+        .split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+    {
         params.push(match opt.split_once('=') {
             Some((k, v)) => FsParam::String(k.into(), v.into()),
             None => FsParam::Flag(opt.into()),
@@ -370,9 +375,7 @@ fn hint(step: &Step, e: &io::Error) -> &'static str {
         (Step::Target, libc::ENOENT) => {
             " (the target does not exist in the caller's mount namespace: create it first)"
         }
-        (Step::Target, libc::ELOOP) => {
-            " (the target's path has a symlink: pass the resolved path)"
-        }
+        (Step::Target, libc::ELOOP) => " (the target's path has a symlink: pass the resolved path)",
         (Step::Target, libc::ENOTDIR) => " (the target is not a directory)",
         (Step::Source, libc::ENOENT) | (Step::Create, libc::ENOENT | libc::ENXIO) => {
             " (the device is missing on this node)"
@@ -440,7 +443,10 @@ pub fn mount_into(
             })
             .map_err(|e| (Step::Thread, e))?;
         worker.join().unwrap_or_else(|_| {
-            Err((Step::Thread, io::Error::other("the namespace thread panicked")))
+            Err((
+                Step::Thread,
+                io::Error::other("the namespace thread panicked"),
+            ))
         })
     });
     entered.map_err(|(step, e)| fail(step, e, Vec::new()))
@@ -633,7 +639,14 @@ mod tests {
         let spec = mount_spec(
             &[],
             &s(&[
-                "ro", "sync", "dirsync", "lazytime", "nosuid", "nodev", "noexec", "nodiratime",
+                "ro",
+                "sync",
+                "dirsync",
+                "lazytime",
+                "nosuid",
+                "nodev",
+                "noexec",
+                "nodiratime",
                 "silent",
             ]),
         )
@@ -686,7 +699,10 @@ mod tests {
             log: Vec::new(),
         };
         let text = e.to_string();
-        assert!(text.contains("does not exist in the caller's mount namespace"), "{text}");
+        assert!(
+            text.contains("does not exist in the caller's mount namespace"),
+            "{text}"
+        );
         let e = NsMountError {
             step: Step::Create,
             source: io::Error::from_raw_os_error(libc::EBUSY),
@@ -694,7 +710,10 @@ mod tests {
             ..e
         };
         let text = e.to_string();
-        assert!(text.contains("mounted elsewhere") && text.contains("MMP in use"), "{text}");
+        assert!(
+            text.contains("mounted elsewhere") && text.contains("MMP in use"),
+            "{text}"
+        );
     }
 
     #[test]

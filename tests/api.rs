@@ -1078,7 +1078,10 @@ async fn tcp_only_on_loopback() {
     )
     .await;
     assert_error(&r, 403, "caller_unknown");
-    assert!(r.json()["message"].as_str().unwrap().contains("Unix socket"));
+    assert!(r.json()["message"]
+        .as_str()
+        .unwrap()
+        .contains("Unix socket"));
     server.shutdown().await.unwrap();
 }
 

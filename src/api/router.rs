@@ -403,12 +403,14 @@ async fn mount(
     let target = valid_target(&body.target)?;
     let peer = caller(&extensions)?;
     let session = body.session;
-    api.ask(MOUNT_TIMEOUT + BACKEND_REPLY_MARGIN, |reply| Command::Mount {
-        volume,
-        session,
-        target,
-        peer,
-        reply,
+    api.ask(MOUNT_TIMEOUT + BACKEND_REPLY_MARGIN, |reply| {
+        Command::Mount {
+            volume,
+            session,
+            target,
+            peer,
+            reply,
+        }
     })
     .await
     .map(Json)

@@ -20,10 +20,10 @@
 
 use super::Command;
 use crate::metrics::Metrics;
-use std::future::IntoFuture;
-use std::io;
 use axum::extract::connect_info::Connected;
 use axum::serve::IncomingStream;
+use std::future::IntoFuture;
+use std::io;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -156,10 +156,10 @@ impl Server {
             unix_listener,
             app.clone().into_make_service_with_connect_info::<Peer>(),
         )
-            .with_graceful_shutdown(async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            })
-            .into_future();
+        .with_graceful_shutdown(async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        })
+        .into_future();
         tasks.push(tokio::spawn(unix));
         if let Some(listener) = tcp_listener {
             let mut stopped = stop.subscribe();

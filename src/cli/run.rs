@@ -157,7 +157,11 @@ pub struct Args {
     /// Ask the daemon to mount the volume on DIR in this process's mount
     /// namespace instead of mounting it here: for containers without
     /// CAP_SYS_ADMIN. The daemon's fence is then what unmounts it.
-    #[arg(long, env = "BLOCKFENCE_DAEMON_MOUNT", conflicts_with = "mount_options")]
+    #[arg(
+        long,
+        env = "BLOCKFENCE_DAEMON_MOUNT",
+        conflicts_with = "mount_options"
+    )]
     pub daemon_mount: bool,
     /// Create DIR (and its parents) if it does not exist.
     #[arg(long, env = "BLOCKFENCE_MKDIR")]

@@ -582,7 +582,10 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
             let _ = reply.send(Err(self.refusal(r)));
             return;
         }
-        let granted: Vec<String> = REQUIRED_MOUNT_OPTIONS.iter().map(|s| s.to_string()).collect();
+        let granted: Vec<String> = REQUIRED_MOUNT_OPTIONS
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         let spec = match crate::nsmount::mount_spec(&granted, &[]) {
             Ok(spec) => spec,
             Err(e) => {
