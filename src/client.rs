@@ -19,8 +19,8 @@
 //! What it must not do: retry (callers decide; a retried acquire or release
 //! is not the same request), or read any clock but tokio's.
 
-use crate::api::router::BACKEND_REPLY_MARGIN;
-use crate::api::{ErrorBody, ErrorCode, Grant, VolumeStatus, MAX_ACQUIRE_TIMEOUT};
+use crate::api::router::{BACKEND_REPLY_MARGIN, MOUNT_TIMEOUT};
+use crate::api::{ErrorBody, ErrorCode, Grant, Mounted, VolumeStatus, MAX_ACQUIRE_TIMEOUT};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use hyper::header::{CONTENT_TYPE, HOST};
@@ -233,6 +233,28 @@ impl Client {
     }
 
     /// `POST /v1/volumes/{volume}/release`: give the volume up.
+    /// `POST /v1/volumes/{volume}/mount`: the daemon mounts the volume of
+    /// the live `session` on `target` in this process's mount namespace.
+    /// Waits for the mount itself (up to the server's mount timeout), not
+    /// [`Client::timeout`].
+    pub async fn mount(
+        &self,
+        volume: &str,
+        session: &str,
+        target: &Path,
+    ) -> Result<Mounted, ClientError> {
+        self.request(
+            Method::POST,
+            format!("/v1/volumes/{}/mount", segment(volume)),
+            Some(serde_json::json!({
+                "session": session,
+                "target": target.to_string_lossy(),
+            })),
+            MOUNT_TIMEOUT + 2 * BACKEND_REPLY_MARGIN,
+        )
+        .await
+    }
+
     pub async fn release(&self, volume: &str, session: &str) -> Result<VolumeStatus, ClientError> {
         self.request(
             Method::POST,

@@ -31,6 +31,9 @@
 //!   and session machines, the API's real backend, fences, the watchdog
 //!   feeder, configuration, and the device layer's events and reservations
 //!   fed to the volumes ([`daemon::devices`]).
+//! - [`nsmount`]: mounting a granted volume into a caller's mount namespace
+//!   (the daemon mounts for an unprivileged pod; `MountSpec`, the mount
+//!   options both mount paths share).
 //! - [`client`]: a typed client of the API (used by `blockfence run`).
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`device`]: NVMe/block device discovery (sysfs, udev/uevents), path
@@ -52,5 +55,6 @@ pub mod disk;
 pub mod ext4;
 pub mod fence;
 pub mod metrics;
+pub mod nsmount;
 pub mod nvme;
 pub mod sim;

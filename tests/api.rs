@@ -585,6 +585,26 @@ async fn every_documented_operation_answers_as_documented() {
     assert_eq!(r.json()["session"], session.as_str());
     assert_eq!(r.json()["generation"], 1);
 
+    // Mount: the fake mounts nothing (503); a bad target is 400 first.
+    let r = h
+        .call(
+            "POST",
+            "/v1/volumes/{volume}/mount",
+            "/v1/volumes/vol-a/mount",
+            Some(json!({"session": session, "target": "/var/lib/pg"})),
+        )
+        .await;
+    assert_error(&r, 503, "unavailable");
+    let r = h
+        .call(
+            "POST",
+            "/v1/volumes/{volume}/mount",
+            "/v1/volumes/vol-a/mount",
+            Some(json!({"session": session, "target": "var/lib/pg"})),
+        )
+        .await;
+    assert_error(&r, 400, "bad_request");
+
     let r = h.release("vol-a", &session).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["state"], "free");
@@ -1046,7 +1066,64 @@ async fn tcp_only_on_loopback() {
     let r = http(stream, "GET", "/v1/volumes/vol-a", None, None).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["volume"], "vol-a");
+    // A mount over TCP: no process to mount for.
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = json!({"session": "0-abc", "target": "/mnt"}).to_string();
+    let r = http(
+        stream,
+        "POST",
+        "/v1/volumes/vol-a/mount",
+        Some(&body),
+        Some("application/json"),
+    )
+    .await;
+    assert_error(&r, 403, "caller_unknown");
+    assert!(r.json()["message"]
+        .as_str()
+        .unwrap()
+        .contains("Unix socket"));
     server.shutdown().await.unwrap();
+}
+
+/// The router served without connect info (as a test or another server
+/// may): the caller is unknown, so a mount is 403; a bad target is 400
+/// before that.
+#[tokio::test]
+async fn a_mount_without_a_known_caller_is_403_and_a_relative_target_400() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("plain.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let app = blockfence::api::router(
+        FakeBackend::new(["vol-a"]).spawn(),
+        Arc::new(Metrics::new()),
+    );
+    let served = tokio::spawn(async move { axum::serve(listener, app).await });
+    let doc = Doc::load();
+    let mount = |body: Value| {
+        let socket = socket.clone();
+        async move {
+            let stream = UnixStream::connect(&socket).await.unwrap();
+            let body = body.to_string();
+            http(
+                stream,
+                "POST",
+                "/v1/volumes/vol-a/mount",
+                Some(&body),
+                Some("application/json"),
+            )
+            .await
+        }
+    };
+    let template = "/v1/volumes/{volume}/mount";
+    let r = mount(json!({"session": "0-abc", "target": "/mnt/pg"})).await;
+    doc.check("POST", template, &r);
+    assert_error(&r, 403, "caller_unknown");
+    for target in ["mnt/pg", "/mnt/../etc", ""] {
+        let r = mount(json!({"session": "0-abc", "target": target})).await;
+        doc.check("POST", template, &r);
+        assert_error(&r, 400, "bad_request");
+    }
+    served.abort();
 }
 
 #[tokio::test]

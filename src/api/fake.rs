@@ -208,6 +208,13 @@ impl FakeBackend {
             Command::Subscribe { volume, reply } => {
                 let _ = reply.send(self.volume(&volume).map(|v| v.events.subscribe()));
             }
+            Command::Mount { volume, reply, .. } => {
+                let _ = reply.send(self.volume(&volume).and_then(|_| {
+                    Err(ApiError::unavailable(
+                        "the fake backend does not mount (it has no devices)",
+                    ))
+                }));
+            }
             Command::Handover {
                 volume,
                 to_node,

@@ -21,10 +21,13 @@ pub mod router;
 pub mod serve;
 
 pub use router::router;
-pub use serve::{ServeConfig, ServeError, Server};
+pub use serve::{Peer, ServeConfig, ServeError, Server};
 
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
@@ -99,6 +102,20 @@ pub struct Grant {
     /// release (the grant stays valid meanwhile). `None` while it may go on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop: Option<StopReason>,
+}
+
+/// What a successful `POST /v1/volumes/{volume}/mount` returns: the volume
+/// is mounted on `target` in the caller's mount namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mounted {
+    /// The volume's name.
+    pub volume: String,
+    /// The session the mount belongs to.
+    pub session: String,
+    /// Where it is mounted, in the caller's mount namespace.
+    pub target: String,
+    /// The block device mounted (a path in the daemon's namespace).
+    pub device: String,
 }
 
 /// Why the daemon asks a session's holder to stop (see [`Grant::stop`]).
@@ -183,8 +200,12 @@ pub enum ErrorCode {
     NotHeld,
     /// The session is over (lease lost, fenced, expired): stop writing now.
     SessionEnded,
-    /// The backend did not answer (not started, stopped, or too slow).
+    /// The backend did not answer (not started, stopped, or too slow), or
+    /// could not do what was asked (a mount failed).
     Unavailable,
+    /// The daemon cannot tell which process sent the request (it came over
+    /// TCP, or the socket gave no pidfd), so it cannot mount for it.
+    CallerUnknown,
 }
 
 impl ErrorCode {
@@ -200,6 +221,7 @@ impl ErrorCode {
                 StatusCode::CONFLICT
             }
             ErrorCode::SessionEnded => StatusCode::GONE,
+            ErrorCode::CallerUnknown => StatusCode::FORBIDDEN,
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -338,6 +360,20 @@ pub enum Command {
         /// The answer: the volume's status afterwards.
         reply: Reply<VolumeStatus>,
     },
+    /// Mount the volume for a live session, in the mount namespace of the
+    /// process that sent the request (`peer`).
+    Mount {
+        /// The volume's name.
+        volume: String,
+        /// The session id from the grant.
+        session: String,
+        /// Where to mount it: an absolute path in the caller's namespace.
+        target: PathBuf,
+        /// A pidfd of the caller (taken from the socket when it connected).
+        peer: Arc<OwnedFd>,
+        /// The answer, once the mount is in place.
+        reply: Reply<Mounted>,
+    },
     /// The volume's event stream: a receiver that gets every event from now on.
     Subscribe {
         /// The volume's name.
@@ -364,9 +400,20 @@ impl Command {
             Command::GetVolume { volume, .. }
             | Command::Acquire { volume, .. }
             | Command::Release { volume, .. }
+            | Command::Mount { volume, .. }
             | Command::Subscribe { volume, .. }
             | Command::Handover { volume, .. } => Some(volume),
             Command::ListVolumes { .. } | Command::Keepalive { .. } => None,
+        }
+    }
+
+    /// The session the command names, if it names one.
+    pub fn session(&self) -> Option<&str> {
+        match self {
+            Command::Keepalive { session, .. }
+            | Command::Release { session, .. }
+            | Command::Mount { session, .. } => Some(session),
+            _ => None,
         }
     }
 
@@ -382,6 +429,7 @@ impl Command {
                 drop(reply.send(Err(error)))
             }
             Command::Subscribe { reply, .. } => drop(reply.send(Err(error))),
+            Command::Mount { reply, .. } => drop(reply.send(Err(error))),
         }
     }
 }

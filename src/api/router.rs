@@ -12,12 +12,12 @@
 //! events it missed (`event: lagged`) rather than cut off.
 
 use super::{
-    ApiError, Command, ErrorBody, ErrorCode, Grant, VolumeEvent, VolumeEventKind, VolumeStatus,
-    MAX_ACQUIRE_TIMEOUT,
+    ApiError, Command, ErrorBody, ErrorCode, Grant, Mounted, Peer, VolumeEvent, VolumeEventKind,
+    VolumeStatus, MAX_ACQUIRE_TIMEOUT,
 };
 use crate::metrics::Metrics;
 use axum::extract::rejection::{JsonRejection, PathRejection};
-use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request, State};
 use axum::http::header;
 use axum::http::request::Parts;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -40,6 +40,13 @@ pub const BACKEND_REPLY_MARGIN: Duration = Duration::from_secs(5);
 
 /// How long `/readyz` waits for the backend's first answer.
 pub const READYZ_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long a mount may take (reading the superblock, waiting out ext4's
+/// MMP check) before the handler answers 503.
+pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Longest mount target accepted (PATH_MAX).
+pub const MAX_TARGET_LEN: usize = 4096;
 
 /// Longest volume name, session id or node name accepted.
 pub const MAX_NAME_LEN: usize = 253;
@@ -153,6 +160,17 @@ pub struct ReleaseBody {
     pub session: String,
 }
 
+/// Body of `POST /v1/volumes/{volume}/mount`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountBody {
+    /// The session id from the grant.
+    pub session: String,
+    /// Where to mount: an absolute path without `..` in the caller's mount
+    /// namespace.
+    pub target: String,
+}
+
 /// Body of `POST /v1/volumes/{volume}/handover`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -247,6 +265,7 @@ pub(crate) fn router_until(
         .route("/v1/volumes/{volume}/acquire", post(acquire))
         .route("/v1/volumes/{volume}/release", post(release))
         .route("/v1/volumes/{volume}/handover", post(handover))
+        .route("/v1/volumes/{volume}/mount", post(mount))
         .route("/v1/volumes/{volume}/events", get(events))
         .route("/v1/sessions/{session}/keepalive", post(keepalive))
         .route("/livez", get(livez))
@@ -323,6 +342,75 @@ async fn release(
         volume,
         session,
         reply,
+    })
+    .await
+    .map(Json)
+}
+
+/// A mount target: absolute, no `..`, not too long, no NUL.
+pub fn valid_target(target: &str) -> Result<std::path::PathBuf, ApiError> {
+    let path = std::path::Path::new(target);
+    if target.len() > MAX_TARGET_LEN || target.contains('\0') {
+        return Err(ApiError::bad_request(format!(
+            "target must be a path of at most {MAX_TARGET_LEN} bytes without NUL"
+        )));
+    }
+    if !path.is_absolute() {
+        return Err(ApiError::bad_request(format!(
+            "target {target:?} must be an absolute path (it is resolved in the caller's mount namespace)"
+        )));
+    }
+    if path
+        .components()
+        .any(|c| c == std::path::Component::ParentDir)
+    {
+        return Err(ApiError::bad_request(format!(
+            "target {target:?} must not contain `..`"
+        )));
+    }
+    Ok(path.to_path_buf())
+}
+
+/// The pidfd of the process that sent the request, or 403 caller_unknown.
+fn caller(extensions: &axum::http::Extensions) -> Result<Arc<std::os::fd::OwnedFd>, ApiError> {
+    let unknown = |why: String| ApiError::new(ErrorCode::CallerUnknown, why);
+    match extensions.get::<ConnectInfo<Peer>>() {
+        Some(ConnectInfo(Peer::Unix(Ok(pidfd)))) => Ok(Arc::clone(pidfd)),
+        Some(ConnectInfo(Peer::Unix(Err(e)))) => Err(unknown(format!(
+            "cannot identify the process that sent the request ({e}), so there is no mount \
+             namespace to mount into"
+        ))),
+        Some(ConnectInfo(Peer::Tcp(addr))) => Err(unknown(format!(
+            "mount is served only over the Unix socket: a TCP peer ({addr}) names no process \
+             whose mount namespace the volume could be mounted into"
+        ))),
+        None => Err(unknown(
+            "this server does not identify its callers, so it cannot mount for them (use the \
+             daemon's Unix socket)"
+                .into(),
+        )),
+    }
+}
+
+/// Validates the body, then identifies the caller (400 comes before 403).
+async fn mount(
+    State(api): State<ApiState>,
+    ApiPath(volume): ApiPath,
+    extensions: axum::http::Extensions,
+    ApiJson(body): ApiJson<MountBody>,
+) -> Result<Json<Mounted>, ApiError> {
+    valid_name("session", &body.session)?;
+    let target = valid_target(&body.target)?;
+    let peer = caller(&extensions)?;
+    let session = body.session;
+    api.ask(MOUNT_TIMEOUT + BACKEND_REPLY_MARGIN, |reply| {
+        Command::Mount {
+            volume,
+            session,
+            target,
+            peer,
+            reply,
+        }
     })
     .await
     .map(Json)

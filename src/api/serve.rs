@@ -12,18 +12,52 @@
 //! - TCP is accepted only on loopback addresses: the API has no
 //!   authentication, its callers are on this node.
 //! - On shutdown the socket file is removed if it is still the one we bound.
+//! - Every connection carries a [`Peer`] (axum's `ConnectInfo`): on the Unix
+//!   socket a pidfd of the process that connected, taken when the connection
+//!   is accepted (`POST /v1/volumes/{volume}/mount` mounts into that
+//!   process's mount namespace); on TCP only the address, which names no
+//!   process.
 
 use super::Command;
 use crate::metrics::Metrics;
+use axum::extract::connect_info::Connected;
+use axum::serve::IncomingStream;
 use std::future::IntoFuture;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+
+/// Who is at the other end of a connection.
+#[derive(Debug, Clone)]
+pub enum Peer {
+    /// A Unix socket peer: a pidfd of the process that connected, or why
+    /// there is none.
+    Unix(Result<Arc<OwnedFd>, String>),
+    /// A TCP peer: an address, no process.
+    Tcp(SocketAddr),
+}
+
+impl Connected<IncomingStream<'_, UnixListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Peer {
+        Peer::Unix(
+            crate::nsmount::peer_pidfd(stream.io())
+                .map(Arc::new)
+                .map_err(|e| e.to_string()),
+        )
+    }
+}
+
+impl Connected<IncomingStream<'_, TcpListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Peer {
+        Peer::Tcp(*stream.remote_addr())
+    }
+}
 
 /// Mode of the Unix socket: owner and group may connect.
 pub const SOCKET_MODE: u32 = 0o660;
@@ -118,15 +152,18 @@ impl Server {
         let app = super::router::router_until(commands, metrics, Some(stop.subscribe()));
         let mut tasks = Vec::new();
         let mut stopped = stop.subscribe();
-        let unix = axum::serve(unix_listener, app.clone())
-            .with_graceful_shutdown(async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            })
-            .into_future();
+        let unix = axum::serve(
+            unix_listener,
+            app.clone().into_make_service_with_connect_info::<Peer>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        })
+        .into_future();
         tasks.push(tokio::spawn(unix));
         if let Some(listener) = tcp_listener {
             let mut stopped = stop.subscribe();
-            let serve = axum::serve(listener, app)
+            let serve = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
                 .with_graceful_shutdown(async move {
                     let _ = stopped.wait_for(|s| *s).await;
                 })

@@ -33,7 +33,7 @@ use crate::ext4::{Ext4Error, ShutdownMode};
 use crate::fence::{self, holders, FenceError, FenceOps, FenceTarget, SystemOps, Watchdog};
 use anyhow::{anyhow, bail, Context};
 use nix::errno::Errno;
-use nix::mount::{MntFlags, MsFlags};
+use nix::mount::MntFlags;
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use std::ffi::OsString;
@@ -74,8 +74,7 @@ pub const FORWARDED_SIGNALS: [Signal; 6] = [
     Signal::SIGUSR1,
     Signal::SIGUSR2,
 ];
-/// The filesystem type mounted.
-pub const FS_TYPE: &str = "ext4";
+pub use crate::nsmount::{mount_spec, MountSpec, FS_TYPE};
 
 const AFTER_HELP: &str = "\
 What it does:
@@ -101,6 +100,19 @@ What it does:
      hold it), releases the volume, and exits with COMMAND's status. If the
      unmount fails the volume is not released (the daemon then fences it when
      the session times out).
+
+Unprivileged containers (--daemon-mount):
+  A container without CAP_SYS_ADMIN cannot mount ext4. With --daemon-mount,
+  step 1 asks the daemon to mount instead (POST /v1/volumes/VOLUME/mount over
+  --socket): the daemon identifies this process by the socket and mounts the
+  granted device on DIR in this process's mount namespace. DIR must exist in
+  it (or --mkdir) and be reached without symlinks; --mount-options are not
+  accepted (the grant's options are used). At the end DIR is synced and the
+  volume released: the daemon's release fence unmounts it, in every
+  namespace. If the grant runs out, this wrapper can neither shut down nor
+  unmount the filesystem: it kills COMMAND and every process of its own
+  holding the filesystem, and the daemon's fence (when the session expires)
+  shuts it down and unmounts it.
 
 Exit codes:
   COMMAND's status  COMMAND exited (128+N if killed by signal N)
@@ -142,6 +154,15 @@ pub struct Args {
     /// errors=remount-ro cannot be weakened.
     #[arg(long, value_name = "OPTS", env = "BLOCKFENCE_MOUNT_OPTIONS")]
     pub mount_options: Option<String>,
+    /// Ask the daemon to mount the volume on DIR in this process's mount
+    /// namespace instead of mounting it here: for containers without
+    /// CAP_SYS_ADMIN. The daemon's fence is then what unmounts it.
+    #[arg(
+        long,
+        env = "BLOCKFENCE_DAEMON_MOUNT",
+        conflicts_with = "mount_options"
+    )]
+    pub daemon_mount: bool,
     /// Create DIR (and its parents) if it does not exist.
     #[arg(long, env = "BLOCKFENCE_MKDIR")]
     pub mkdir: bool,
@@ -162,8 +183,8 @@ pub enum RunError {
     NotADirectory { path: PathBuf },
     #[error("{} is already a mount point; unmount it first or choose another --mount", path.display())]
     AlreadyMounted { path: PathBuf },
-    #[error("mount option {option:?}: {why}")]
-    BadMountOption { option: String, why: &'static str },
+    #[error(transparent)]
+    BadMountOption(#[from] crate::nsmount::BadMountOption),
     #[error("command not found: {command:?} ({why})")]
     CommandNotFound { command: String, why: String },
     #[error("the granted device {}: {why}", device.display())]
@@ -175,6 +196,8 @@ pub enum RunError {
         options: String,
         errno: Errno,
     },
+    #[error("the daemon could not mount the volume on {}: {error}", dir.display())]
+    DaemonMount { dir: PathBuf, error: String },
     #[error("starting {command:?}: {error}")]
     Spawn {
         command: String,
@@ -227,88 +250,6 @@ fn parse_signal(s: &str) -> Result<Signal, String> {
         format!("SIG{upper}")
     };
     Signal::from_str(&name).map_err(|_| format!("unknown signal {s:?} (e.g. SIGTERM, INT, 15)"))
-}
-
-/// How to call mount(2): flags and the filesystem's option string.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountSpec {
-    /// VFS flags (ro, nosuid, noatime, ...).
-    pub flags: MsFlags,
-    /// What ext4 parses (errors=remount-ro, data=ordered, ...).
-    pub data: String,
-}
-
-/// The mount(2) arguments for the granted options plus the extra ones. The
-/// [`api::REQUIRED_MOUNT_OPTIONS`] are always included, and no extra option
-/// may weaken them (`errors=continue`).
-pub fn mount_spec(granted: &[String], extra: &[String]) -> Result<MountSpec, RunError> {
-    let mut flags = MsFlags::empty();
-    let mut data: Vec<String> = Vec::new();
-    let required = api::REQUIRED_MOUNT_OPTIONS.iter().map(|s| s.to_string());
-    let extra_checked = extra
-        .iter()
-        .map(|o| {
-            if let Some(mode) = o.strip_prefix("errors=") {
-                if mode != "remount-ro" && mode != "panic" {
-                    return Err(RunError::BadMountOption {
-                        option: o.clone(),
-                        why: "a filesystem error must stop writes: only errors=remount-ro or errors=panic",
-                    });
-                }
-            }
-            Ok(o.clone())
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    for opt in granted.iter().cloned().chain(required).chain(extra_checked) {
-        let opt = opt.trim().to_string();
-        let (set, clear) = match opt.as_str() {
-            "" | "defaults" => continue,
-            "ro" => (MsFlags::MS_RDONLY, MsFlags::empty()),
-            "rw" => (MsFlags::empty(), MsFlags::MS_RDONLY),
-            "nosuid" => (MsFlags::MS_NOSUID, MsFlags::empty()),
-            "suid" => (MsFlags::empty(), MsFlags::MS_NOSUID),
-            "nodev" => (MsFlags::MS_NODEV, MsFlags::empty()),
-            "dev" => (MsFlags::empty(), MsFlags::MS_NODEV),
-            "noexec" => (MsFlags::MS_NOEXEC, MsFlags::empty()),
-            "exec" => (MsFlags::empty(), MsFlags::MS_NOEXEC),
-            "sync" => (MsFlags::MS_SYNCHRONOUS, MsFlags::empty()),
-            "async" => (MsFlags::empty(), MsFlags::MS_SYNCHRONOUS),
-            "dirsync" => (MsFlags::MS_DIRSYNC, MsFlags::empty()),
-            "noatime" => (MsFlags::MS_NOATIME, MsFlags::MS_RELATIME),
-            "atime" => (MsFlags::empty(), MsFlags::MS_NOATIME),
-            "nodiratime" => (MsFlags::MS_NODIRATIME, MsFlags::empty()),
-            "diratime" => (MsFlags::empty(), MsFlags::MS_NODIRATIME),
-            "relatime" => (MsFlags::MS_RELATIME, MsFlags::MS_NOATIME),
-            "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::MS_NOATIME),
-            "lazytime" => (MsFlags::MS_LAZYTIME, MsFlags::empty()),
-            "silent" => (MsFlags::MS_SILENT, MsFlags::empty()),
-            "remount" | "bind" | "rbind" | "move" => {
-                return Err(RunError::BadMountOption {
-                    option: opt,
-                    why: "not a filesystem option",
-                })
-            }
-            _ => {
-                if !data.contains(&opt) {
-                    data.push(opt);
-                }
-                continue;
-            }
-        };
-        flags = (flags - clear) | set;
-    }
-    // The required options last, so that no earlier one overrides them
-    // (ext4 takes the last errors=); an extra errors=panic stays last.
-    let panic = data.iter().any(|o| o == "errors=panic");
-    data.retain(|o| !o.starts_with("errors="));
-    data.extend(api::REQUIRED_MOUNT_OPTIONS.iter().map(|s| s.to_string()));
-    if panic {
-        data.push("errors=panic".into());
-    }
-    Ok(MountSpec {
-        flags,
-        data: data.join(","),
-    })
 }
 
 /// Splits `--mount-options`.
@@ -762,11 +703,39 @@ impl Session {
     }
 
     fn start_mount(&mut self) {
+        if self.args.daemon_mount {
+            return self.start_daemon_mount();
+        }
         self.mounting = true;
         let device = PathBuf::from(&self.grant.device);
         let (dir, spec, tx) = (self.dir.clone(), self.spec.clone(), self.tx.clone());
         tokio::task::spawn_blocking(move || {
             let _ = tx.send(Event::Mounted(mount_volume(&device, &dir, &spec)));
+        });
+    }
+
+    /// `--daemon-mount`: the daemon mounts on DIR in this namespace; the
+    /// device number is that of the filesystem now at DIR.
+    fn start_daemon_mount(&mut self) {
+        self.mounting = true;
+        let client = self.client.clone();
+        let (volume, session) = (self.args.volume.clone(), self.grant.session.clone());
+        let (dir, tx) = (self.dir.clone(), self.tx.clone());
+        tokio::spawn(async move {
+            let failed = |error: String| RunError::DaemonMount {
+                dir: dir.clone(),
+                error,
+            };
+            let result = match client.mount(&volume, &session, &dir).await {
+                Ok(m) => std::fs::metadata(&dir)
+                    .map(|meta| {
+                        tracing::info!(device = %m.device, dir = %dir.display(), "mounted by the daemon");
+                        meta.dev()
+                    })
+                    .map_err(|e| failed(format!("it answered, but {e}"))),
+                Err(e) => Err(failed(short_error(&e))),
+            };
+            let _ = tx.send(Event::Mounted(result));
         });
     }
 
@@ -827,8 +796,16 @@ impl Session {
 
     fn start_unmount(&self) {
         let (dir, rdev, tx) = (self.dir.clone(), self.rdev, self.tx.clone());
+        let daemon_mount = self.args.daemon_mount;
         tokio::task::spawn_blocking(move || {
-            let _ = tx.send(Event::Unmounted(unmount_volume(&dir, rdev)));
+            let result = if daemon_mount {
+                // No privilege to unmount: sync, and let the release's fence
+                // (the daemon's) unmount it everywhere.
+                sync_volume(&dir, rdev)
+            } else {
+                unmount_volume(&dir, rdev)
+            };
+            let _ = tx.send(Event::Unmounted(result));
         });
     }
 
@@ -853,6 +830,32 @@ impl Session {
             }
         }
         let (fenced_ok, summary) = match self.rdev {
+            Some(rdev) if self.args.daemon_mount => {
+                // Without CAP_SYS_ADMIN neither the shutdown nor the unmount
+                // would work: kill what writes from here; the daemon's fence
+                // (at the session's expiry) shuts down and unmounts.
+                let dir = self.dir.clone();
+                let killed = tokio::task::spawn_blocking(move || match holders::find_mount(&dir) {
+                    Ok(Some(m)) if m.dev == rdev => holders::kill_all(&m),
+                    Ok(_) => Ok(Vec::new()),
+                    Err(e) => Err(e),
+                })
+                .await;
+                match killed {
+                    Ok(Ok(killed)) => (
+                        true,
+                        format!(
+                            "{}{} other holder(s) killed; {} stays mounted until the daemon's \
+                             fence unmounts it (--daemon-mount)",
+                            if had_child { "command killed, " } else { "" },
+                            killed.len(),
+                            self.dir.display()
+                        ),
+                    ),
+                    Ok(Err(e)) => (false, format!("FENCE INCOMPLETE: {e}")),
+                    Err(e) => (false, format!("FENCE FAILED: {e}")),
+                }
+            }
             Some(rdev) => {
                 let dir = self.dir.clone();
                 let report = tokio::task::spawn_blocking(move || {
@@ -1081,6 +1084,34 @@ fn mount_volume(device: &Path, dir: &Path, spec: &MountSpec) -> Result<u64, RunE
     Ok(meta.rdev())
 }
 
+/// `--daemon-mount`'s end: syncs `dir` if the granted device (`rdev`) is
+/// mounted there (the daemon's fence after the release shuts the filesystem
+/// down without flushing its log, then unmounts it).
+fn sync_volume(dir: &Path, rdev: Option<u64>) -> Result<(), RunError> {
+    let Some(rdev) = rdev else { return Ok(()) };
+    match holders::find_mount(dir)? {
+        Some(m) if m.dev == rdev => {}
+        Some(_) => {
+            return Err(RunError::ForeignMount {
+                dir: dir.to_path_buf(),
+            })
+        }
+        None => return Ok(()),
+    }
+    let f = std::fs::File::open(dir).map_err(|error| RunError::MountDir {
+        path: dir.to_path_buf(),
+        error,
+    })?;
+    use std::os::fd::AsRawFd;
+    nix::unistd::syncfs(f.as_raw_fd()).map_err(|errno| RunError::Unmount {
+        dir: dir.to_path_buf(),
+        errno,
+        busy_after_kill: false,
+    })?;
+    tracing::info!(dir = %dir.display(), "synced; the daemon unmounts it on release");
+    Ok(())
+}
+
 /// Syncs and unmounts `dir` if the granted device (`rdev`) is mounted there;
 /// kills the remaining holders and retries once if it is busy.
 fn unmount_volume(dir: &Path, rdev: Option<u64>) -> Result<(), RunError> {
@@ -1125,37 +1156,6 @@ fn unmount_volume(dir: &Path, rdev: Option<u64>) -> Result<(), RunError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn s(v: &[&str]) -> Vec<String> {
-        v.iter().map(|x| x.to_string()).collect()
-    }
-
-    #[test]
-    fn vfs_flags_are_flags_and_the_rest_goes_to_ext4() {
-        let spec = mount_spec(
-            &s(&["errors=remount-ro", "noatime"]),
-            &s(&["nodev", "data=ordered", "sync"]),
-        )
-        .unwrap();
-        assert_eq!(
-            spec.flags,
-            MsFlags::MS_NOATIME | MsFlags::MS_NODEV | MsFlags::MS_SYNCHRONOUS
-        );
-        assert_eq!(spec.data, "data=ordered,errors=remount-ro");
-    }
-
-    #[test]
-    fn errors_remount_ro_is_never_dropped_or_weakened() {
-        // Missing from the grant: added.
-        assert_eq!(mount_spec(&[], &[]).unwrap().data, "errors=remount-ro");
-        // Weakened by an extra option: refused.
-        let err = mount_spec(&s(&["errors=remount-ro"]), &s(&["errors=continue"])).unwrap_err();
-        assert!(err.to_string().contains("errors=continue"), "{err}");
-        // Stricter: kept last, so ext4 uses it.
-        let spec = mount_spec(&s(&["errors=remount-ro"]), &s(&["errors=panic"])).unwrap();
-        assert_eq!(spec.data, "errors=remount-ro,errors=panic");
-        assert!(mount_spec(&[], &s(&["bind"])).is_err());
-    }
 
     #[test]
     fn signals_parse_by_name_and_number() {

@@ -395,6 +395,23 @@ impl SessionMachine {
         )
     }
 
+    /// Whether `session` is the live, granted session at `now` (its lease
+    /// still valid): what the daemon needs before it mounts for it.
+    /// Otherwise why not (unknown, or ended and why).
+    pub fn live(&self, now: Millis, session: &str) -> Result<(), Refusal> {
+        match &self.session {
+            Some(s) if s.id == session => {
+                if self.phase == Phase::Serving && self.lease.is_some_and(|(_, until)| now < until)
+                {
+                    Ok(())
+                } else {
+                    Err(Refusal::SessionEnded(EndReason::LeaseLost))
+                }
+            }
+            _ => Err(self.gone(session)),
+        }
+    }
+
     /// Advances the machine to `now` with `input`; returns what to do.
     pub fn step(&mut self, now: Millis, input: Input) -> Vec<Action> {
         let mut out = Vec::new();
@@ -927,6 +944,28 @@ mod tests {
         assert_eq!(g.valid_for_ms, 4_900);
         assert_eq!(m.phase(), Phase::Serving);
         assert!(m.may_be_writing());
+    }
+
+    #[test]
+    fn only_the_live_granted_session_is_live() {
+        let mut m = SessionMachine::new(CFG);
+        assert_eq!(m.live(0, "s1"), Err(Refusal::UnknownSession));
+        granted(&mut m, 0, 5_000);
+        assert_eq!(m.live(100, "s1"), Ok(()));
+        assert_eq!(m.live(100, "s2"), Err(Refusal::UnknownSession));
+        // Past the lease's validity (the machine not yet told): not live.
+        assert!(matches!(m.live(5_000, "s1"), Err(Refusal::SessionEnded(_))));
+        m.step(
+            200,
+            Input::Release {
+                req: 2,
+                session: "s1".into(),
+            },
+        );
+        assert_eq!(
+            m.live(300, "s1"),
+            Err(Refusal::SessionEnded(EndReason::Released))
+        );
     }
 
     #[test]

@@ -30,6 +30,7 @@
 pub mod config;
 pub mod devices;
 pub mod mounts;
+pub mod podmount;
 pub mod volume;
 
 pub use config::{DaemonArgs, DaemonConfig, VolumeSpec};
@@ -617,30 +618,21 @@ async fn dispatch(mut rx: mpsc::Receiver<Command>, handles: Vec<VolumeHandle>) {
                     continue;
                 }
             },
-            Command::Release {
-                volume,
-                session,
-                reply,
-            } => {
+            c @ (Command::Release { .. } | Command::Mount { .. }) => {
+                let volume = c.volume().unwrap_or_default().to_string();
+                let session = c.session().unwrap_or_default().to_string();
                 let Some(h) = find(&volume) else {
-                    let _ = reply.send(Err(ApiError::unknown_volume(&volume)));
+                    c.fail(ApiError::unknown_volume(&volume));
                     continue;
                 };
                 if session_volume(&session, &handles).is_some_and(|s| s.index != h.index) {
-                    let _ = reply.send(Err(ApiError::new(
+                    c.fail(ApiError::new(
                         crate::api::ErrorCode::SessionMismatch,
                         format!("session {session:?} belongs to another volume, not {volume:?}"),
-                    )));
+                    ));
                     continue;
                 }
-                (
-                    h,
-                    Command::Release {
-                        volume,
-                        session,
-                        reply,
-                    },
-                )
+                (h, c)
             }
             c @ (Command::Acquire { .. } | Command::Handover { .. }) => {
                 let volume = c.volume().unwrap_or_default();

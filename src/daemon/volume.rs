@@ -33,6 +33,7 @@ use crate::core::session::{
 use crate::core::watchdog::Guard;
 use crate::daemon::devices::{DeviceNews, ReservationLink};
 use crate::daemon::mounts::fence_device;
+use crate::daemon::podmount::{self, MountGate, PodMount};
 use crate::device::guard::{self, Decision, Policy};
 use crate::disk::error::DiskError;
 use crate::disk::store::BlockStore;
@@ -232,6 +233,9 @@ impl VolumeChannels {
             Command::Release { reply, .. } => {
                 let _ = reply.send(Err(unknown()));
             }
+            Command::Mount { reply, .. } => {
+                let _ = reply.send(Err(unknown()));
+            }
             Command::Handover { reply, .. } => {
                 let _ = reply.send(Err(ApiError::new(
                     ErrorCode::NotHeld,
@@ -324,6 +328,8 @@ pub struct VolumeTask<O> {
     resv_check: tokio::time::Interval,
     /// The device went away (why): close it once nothing is held.
     gone: Option<String>,
+    /// Orders mounts for pods and fences ([`podmount`]).
+    mount_gate: Arc<MountGate>,
 }
 
 impl<O: FenceOps + 'static> VolumeTask<O> {
@@ -384,6 +390,7 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
                 t
             },
             gone: None,
+            mount_gate: Arc::default(),
         };
         Ok(task)
     }
@@ -535,6 +542,16 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
                 self.waiting.insert(req, Waiting::Status(reply));
                 session::Input::Handover { req, to_node }
             }
+            Command::Mount {
+                volume,
+                session,
+                target,
+                peer,
+                reply,
+            } => {
+                self.mount_for(now, volume, session, target, peer, reply);
+                return;
+            }
             Command::ListVolumes { reply } => {
                 let _ = reply.send(Ok(vec![self.status()]));
                 return;
@@ -549,6 +566,44 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
             }
         };
         self.queue.push_back(Work::Session(input));
+    }
+
+    /// Mounts for a live, granted session ([`podmount`]), off this task.
+    fn mount_for(
+        &mut self,
+        now: Millis,
+        volume: String,
+        session: String,
+        target: PathBuf,
+        peer: Arc<std::os::fd::OwnedFd>,
+        reply: crate::api::Reply<crate::api::Mounted>,
+    ) {
+        if let Err(r) = self.sessions.live(now, &session) {
+            let _ = reply.send(Err(self.refusal(r)));
+            return;
+        }
+        let granted: Vec<String> = REQUIRED_MOUNT_OPTIONS
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let spec = match crate::nsmount::mount_spec(&granted, &[]) {
+            Ok(spec) => spec,
+            Err(e) => {
+                let _ = reply.send(Err(ApiError::unavailable(e.to_string())));
+                return;
+            }
+        };
+        let job = PodMount {
+            volume,
+            session,
+            device: self.device.clone(),
+            target,
+            peer,
+            spec,
+        };
+        let gate = Arc::clone(&self.mount_gate);
+        let ticket = gate.ticket();
+        podmount::spawn(gate, ticket, job, reply);
     }
 
     /// Runs the stale-I/O guard until it has let a grant through once;
@@ -886,7 +941,11 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
         let device = self.rdev.map(|rdev| (self.device.clone(), rdev));
         let name = self.name.clone();
         self.fence_started = Some(Instant::now());
+        // No mount for a pod may land after this fence (podmount's gate).
+        self.mount_gate.close();
+        let gate = Arc::clone(&self.mount_gate);
         tokio::task::spawn_blocking(move || {
+            gate.settle();
             let ok = match device {
                 Some((device, rdev)) => {
                     let r = fence_device(ops, &device, rdev, deadline);
