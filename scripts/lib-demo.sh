@@ -283,7 +283,12 @@ demo__session() {
     if [[ -n ${BF_DEMO_STANDIN:-} ]]; then
         demo__standin_run "$node" "$dir" "$dev" "$@"
     else
-        "$BF_BIN" run --volume pg --mount "$BF_MNT" --socket "$dir/api.sock" \
+        # The pod: its own mount and PID namespaces, without CAP_SYS_ADMIN
+        # (it cannot mount ext4), so the node's daemon mounts the volume into
+        # its namespace (--daemon-mount), as in Kubernetes.
+        unshare --mount --propagation private --pid --fork -- \
+            setpriv --bounding-set -sys_admin --inh-caps -sys_admin -- \
+            "$BF_BIN" run --daemon-mount --volume pg --mount "$BF_MNT" --socket "$dir/api.sock" \
             --holder "pg-$node" --stop-signal INT --stop-timeout 20 -- "$@"
     fi
 }
@@ -428,7 +433,8 @@ demo_sampler_start() {
 }
 
 demo__sampler() {
-    local fd line now lease="" prev_lease="" holder state gen n dir majmin pid mi m rw mode shut cw
+    local fd line now lease="" prev_lease="" holder state gen n dir majmin pid mi m rw mode shut cw ns
+    local -a pids seen_ns
     local -A prev_node=() could=() mounted_rw=() mounted=() rwm=() modes=()
     local cgp l
     local samples=0 fault_node=""
@@ -454,9 +460,15 @@ demo__sampler() {
             read -r majmin <"$dir/majmin"
             read -r mode <"$dir/pathmode" 2>/dev/null || mode=unknown
             m=0 rw=0
-            pid=""
-            [[ -e $dir/cgroup ]] && { read -r cgp <"$dir/cgroup"; read -r pid <"$cgp/cgroup.procs"; } 2>/dev/null
-            if [[ -n $pid ]] && mapfile -t mi <"/proc/$pid/mountinfo" 2>/dev/null; then
+            # Every mount namespace of the node's processes: the pod has its
+            # own (the daemon mounts the volume into it).
+            pids=() seen_ns=()
+            [[ -e $dir/cgroup ]] && { read -r cgp <"$dir/cgroup"; mapfile -t pids <"$cgp/cgroup.procs"; } 2>/dev/null
+            for pid in "${pids[@]}"; do
+                ns=$(readlink "/proc/$pid/ns/mnt" 2>/dev/null) || continue
+                [[ " ${seen_ns[*]} " == *" $ns "* ]] && continue
+                seen_ns+=("$ns")
+                mapfile -t mi <"/proc/$pid/mountinfo" 2>/dev/null || continue
                 for l in "${mi[@]}"; do
                     # id parent maj:min root mountpoint opts ... - fstype source superopts
                     if [[ $l =~ ^[0-9]+\ [0-9]+\ $majmin\ [^\ ]+\ [^\ ]+\ (r[ow])[^\ ]*\ (.*\ )?-\ [^\ ]+\ [^\ ]+\ (r[ow]) ]]; then
@@ -464,7 +476,7 @@ demo__sampler() {
                         [[ ${BASH_REMATCH[1]} == rw && ${BASH_REMATCH[3]} == rw ]] && rw=1
                     fi
                 done
-            fi
+            done
             mounted[$n]=$m
             rwm[$n]=$rw
             modes[$n]=$mode
