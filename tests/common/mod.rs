@@ -724,9 +724,14 @@ impl Footprint {
                 for line in out.stdout.lines() {
                     let mut cols = line.split_whitespace();
                     let (name, dev) = (cols.next(), cols.next());
-                    let ours = dev == Some(self.fuse_dev.as_str())
+                    let dir = self.dir.to_string_lossy();
+                    // The FUSE mount's anonymous device number is reused once
+                    // it is gone: a loop device backed by another node's
+                    // file under the same number is not ours.
+                    let other_node = line.contains("/blockfence-node-") && !line.contains(&*dir);
+                    let ours = (dev == Some(self.fuse_dev.as_str()) && !other_node)
                         || (name.is_some_and(|n| Path::new(n) == self.device)
-                            && line.contains(&*self.dir.to_string_lossy()));
+                            && line.contains(&*dir));
                     if ours {
                         found.push(format!("loop device still attached: {}", line.trim()));
                     }
