@@ -33,7 +33,7 @@ impl Rng {
 
     /// Uniform in `lo..=hi`.
     pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        debug_assert!(lo <= hi);
+        assert!(lo <= hi, "Rng::range({lo}, {hi})");
         lo + self.below(hi - lo + 1)
     }
 

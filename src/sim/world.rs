@@ -1457,7 +1457,8 @@ impl<'a> World<'a> {
         let hd = self.nodes[n].params.host_dead_ms();
         let d = match self.rng.below(20) {
             0..=9 => self.rng.range(100, 2_000),
-            10..=16 => self.rng.range(2_000, hd),
+            // host_dead may be under 2 s with varied parameters.
+            10..=16 => self.rng.range(2_000.min(hd), hd.max(2_000)),
             _ => self.rng.range(hd, 3 * hd),
         };
         let until = self.now + d;
