@@ -396,8 +396,11 @@ async fn a_namespaced_writer_is_fenced_before_the_lease_is_released(name: &str, 
         matches!(k, VolumeEventKind::Fencing { .. })
     })
     .await;
+    // session_expired; lease_lost when a loaded machine made renewals late
+    // (the short test parameters): either way the fence must come first.
     assert!(
-        matches!(&fencing, VolumeEventKind::Fencing { reason, .. } if reason == "session_expired"),
+        matches!(&fencing, VolumeEventKind::Fencing { reason, .. }
+            if reason == "session_expired" || reason == "lease_lost"),
         "{fencing:?}"
     );
     let (fenced_at, fenced) = next_event(&mut events_a, |k| {

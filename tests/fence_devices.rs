@@ -490,3 +490,73 @@ fn a_failed_shutdown_starves_but_the_real_kill_and_unmount_still_run() {
     let status = wait_exit(child, Duration::from_secs(10)).expect("killed");
     assert_eq!(status.signal(), Some(libc::SIGKILL));
 }
+
+/// The daemon's device fence goes by the device number it recorded when the
+/// volume was opened. Once that loop device is detached and its number given
+/// to another image (as `losetup -f` does at once), the fence must leave the
+/// new disk's users alone: it compares the number's `diskseq` with the one it
+/// recorded.
+#[test]
+fn a_device_number_given_to_another_disk_is_not_fenced() {
+    use blockfence::fence::device::{diskseq, DeviceOps};
+    use std::os::unix::fs::MetadataExt;
+    if !require_root_loop() {
+        return;
+    }
+    let ours = SharedImage::create(IMAGE_SIZE).expect("image");
+    let theirs = SharedImage::create(IMAGE_SIZE).expect("image");
+    let old = Loop::attach(ours.path());
+    let rdev = std::fs::metadata(old.path()).unwrap().rdev();
+    let Some(seq) = diskseq(rdev) else {
+        eprintln!("skipped: this kernel has no diskseq in sysfs");
+        return;
+    };
+    let path = old.path().to_path_buf();
+    drop(old);
+    // The same number, another disk, mounted and used by someone else.
+    run_ok(
+        "losetup",
+        &[
+            "--direct-io=on",
+            path.to_str().unwrap(),
+            theirs.path().to_str().unwrap(),
+        ],
+    )
+    .expect("losetup on the same number");
+    let new = Loop(path.clone());
+    assert_ne!(diskseq(rdev), Some(seq), "a new attach gets a new diskseq");
+    run_ok("mkfs.ext4", &["-q", "-F", new.arg()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    run_ok("mount", &[new.arg(), dir.path().to_str().unwrap()]).unwrap();
+    let mut user = Command::new("sleep")
+        .arg("1000")
+        .current_dir(dir.path())
+        .spawn()
+        .unwrap();
+    let stale = FenceTarget::device(&path, rdev, Some(seq));
+    struct Nothing;
+    impl Watchdog for Nothing {
+        fn feed(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn starve(&mut self) {}
+        fn is_starved(&self) -> bool {
+            false
+        }
+    }
+    let report = run_fence(
+        Arc::new(DeviceOps),
+        &mut Nothing,
+        &stale,
+        Instant::now() + FENCE_BUDGET,
+    );
+    let still_mounted = is_mountpoint(dir.path());
+    let user_alive = user.try_wait().unwrap().is_none();
+    let _ = user.kill();
+    let _ = user.wait();
+    let _ = run_ok("umount", &[dir.path().to_str().unwrap()]);
+    drop(new);
+    assert!(report.ok, "{report:?}");
+    assert!(still_mounted, "the other disk's mount was fenced");
+    assert!(user_alive, "the other disk's user was killed");
+}

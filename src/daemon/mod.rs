@@ -471,6 +471,8 @@ impl<O: FenceOps + 'static> Plan<O> {
             index: self.index,
             device: located.path.clone(),
             rdev,
+            // Read while the store holds the device open: the same disk.
+            diskseq: rdev.and_then(crate::fence::device::diskseq),
             store: Box::new(opened.store),
             layout: opened.layout,
             identity: opened.identity,

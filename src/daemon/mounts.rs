@@ -47,8 +47,10 @@ pub fn fence_device<O: FenceOps + 'static>(
     ops: Arc<O>,
     device: &Path,
     rdev: u64,
+    diskseq: Option<u64>,
     deadline: Instant,
 ) -> FenceReport {
     let mut w = PolicyWatchdog::default();
-    run_fence(ops, &mut w, &FenceTarget::device(device, rdev), deadline)
+    let target = FenceTarget::device(device, rdev, diskseq);
+    run_fence(ops, &mut w, &target, deadline)
 }

@@ -117,6 +117,8 @@ pub struct VolumeSetup<O> {
     pub device: PathBuf,
     /// `st_rdev` of the device (`None` for an image file: nothing to fence).
     pub rdev: Option<u64>,
+    /// The device's `diskseq` when it was opened (see `fence::device`).
+    pub diskseq: Option<u64>,
     pub store: Box<dyn BlockStore>,
     pub layout: Layout,
     pub identity: Identity,
@@ -281,6 +283,7 @@ pub struct VolumeTask<O> {
     index: usize,
     device: PathBuf,
     rdev: Option<u64>,
+    diskseq: Option<u64>,
     params: Params,
     lease: LeaseMachine,
     sessions: SessionMachine,
@@ -349,6 +352,7 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
             index: setup.index,
             device: setup.device,
             rdev: setup.rdev,
+            diskseq: setup.diskseq,
             params,
             lease: LeaseMachine::new(setup.identity, setup.layout),
             sessions: SessionMachine::new(setup.sessions),
@@ -939,6 +943,7 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
         let ops = Arc::clone(&self.fence_ops);
         let deadline = self.at(deadline).into_std();
         let device = self.rdev.map(|rdev| (self.device.clone(), rdev));
+        let diskseq = self.diskseq;
         let name = self.name.clone();
         self.fence_started = Some(Instant::now());
         // No mount for a pod may land after this fence (podmount's gate).
@@ -948,7 +953,7 @@ impl<O: FenceOps + 'static> VolumeTask<O> {
             gate.settle();
             let ok = match device {
                 Some((device, rdev)) => {
-                    let r = fence_device(ops, &device, rdev, deadline);
+                    let r = fence_device(ops, &device, rdev, diskseq, deadline);
                     if r.ok {
                         tracing::info!(volume = %name, device = %device.display(),
                             duration_ms = r.duration_ms, killed = ?r.killed, "fenced");

@@ -23,6 +23,11 @@
 //!    device still busy fails the step: the fence failed, the lease is kept,
 //!    the watchdog starved.
 //!
+//! A device number is checked against the `diskseq` the volume's device had
+//! when it was opened: a number given to another disk since then (a loop
+//! device detached and attached again, an NVMe namespace replaced) holds
+//! nothing of ours, and its users are left alone.
+//!
 //! What it must not do: detach a mount it could not unmount (it would hide a
 //! live filesystem from the next fence), or report success without the proof.
 
@@ -45,6 +50,28 @@ const UNMOUNT_PASSES: usize = 3;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DeviceOps;
 
+/// The `diskseq` of block device number `dev` (from sysfs), if the kernel
+/// has it and the device is present.
+pub fn diskseq(dev: u64) -> Option<u64> {
+    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/diskseq"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether the target's device number now belongs to another disk (present,
+/// with another `diskseq` than when the volume was opened). A number is given
+/// out again only once nothing holds the old disk (no mount, no open file),
+/// so there is then nothing of ours left to fence under it.
+fn number_reused(target: &FenceTarget) -> bool {
+    match (target.dev, target.diskseq) {
+        (Some(dev), Some(then)) => diskseq(dev).is_some_and(|now| now != then),
+        _ => false,
+    }
+}
+
 /// The filesystem on the target device: by the device number recorded when
 /// the volume was opened (the node may be gone), else the node's.
 fn target_of(target: &FenceTarget) -> Result<Target, FenceError> {
@@ -60,6 +87,9 @@ fn target_of(target: &FenceTarget) -> Result<Target, FenceError> {
 
 impl FenceOps for DeviceOps {
     fn shutdown(&self, device: &FenceTarget) -> Result<(), FenceError> {
+        if number_reused(device) {
+            return Ok(());
+        }
         let target = target_of(device)?;
         let view = View::collect(target)?;
         let mut last = None;
@@ -81,10 +111,18 @@ impl FenceOps for DeviceOps {
     }
 
     fn kill_holders(&self, device: &FenceTarget) -> Result<Vec<i32>, FenceError> {
+        if number_reused(device) {
+            return Ok(Vec::new());
+        }
         holders::kill_all_of(target_of(device)?)
     }
 
     fn unmount(&self, device: &FenceTarget) -> Result<(), FenceError> {
+        if number_reused(device) {
+            tracing::warn!(device = %device.path.display(),
+                "the volume's device number belongs to another disk now: nothing of ours to fence");
+            return Ok(());
+        }
         let target = target_of(device)?;
         let mut failure = None;
         for _ in 0..UNMOUNT_PASSES {

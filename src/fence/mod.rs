@@ -83,6 +83,10 @@ pub struct FenceTarget {
     /// The device number of a device target, known from when it was opened:
     /// the fence still finds its mounts after the device node went away.
     pub dev: Option<u64>,
+    /// The device's `diskseq` when it was opened (Linux 5.15+), to tell a
+    /// device number given to another disk since then: that number then
+    /// holds nothing of ours, and the fence must not touch its users.
+    pub diskseq: Option<u64>,
 }
 
 impl FenceTarget {
@@ -91,14 +95,17 @@ impl FenceTarget {
         FenceTarget {
             path: path.into(),
             dev: None,
+            diskseq: None,
         }
     }
 
-    /// A block device at `path` with device number `dev`.
-    pub fn device(path: impl Into<PathBuf>, dev: u64) -> FenceTarget {
+    /// A block device at `path` with device number `dev` and, if known, the
+    /// `diskseq` it had when it was opened ([`device::diskseq`]).
+    pub fn device(path: impl Into<PathBuf>, dev: u64, diskseq: Option<u64>) -> FenceTarget {
         FenceTarget {
             path: path.into(),
             dev: Some(dev),
+            diskseq,
         }
     }
 }
