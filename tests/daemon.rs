@@ -15,11 +15,12 @@
 mod common;
 
 use blockfence::api::VolumeEventKind;
-use blockfence::daemon::config::{DaemonConfig, ParamOverrides, VolumeSpec};
+use blockfence::daemon::config::DaemonConfig;
 use blockfence::daemon::Daemon;
 use blockfence::fence::fake::{Behavior, RecordingOps};
 use common::daemon_kit::{
-    assert_unchanged_after, device_digest, format_for_two, http, http_text, next_event, Loop, BIN,
+    assert_unchanged_after, device_digest, format_for_two, http, http_text, next_event,
+    test_config, Loop, BIN,
 };
 use common::{
     is_mountpoint, require_root_loop, require_root_loop_fuse, run_ok, Mode, NodePath, Scratch,
@@ -34,14 +35,6 @@ use std::time::{Duration, Instant};
 
 const IMAGE_SIZE: u64 = 64 << 20;
 
-/// Short parameters: host_dead = (1000 + 500 + 200) x 1.01/0.99 -> 1.8 s.
-const PARAMS: ParamOverrides = ParamOverrides {
-    io_timeout_ms: Some(200),
-    renew_interval_ms: Some(200),
-    lease_timeout_ms: Some(1_000),
-    fence_timeout_ms: Some(500),
-};
-
 /// A mount point under the test's scratch directory, lazily unmounted on
 /// drop if the test left it mounted (the fence normally unmounts it).
 struct MountDir(PathBuf);
@@ -51,25 +44,6 @@ impl Drop for MountDir {
         if is_mountpoint(&self.0) {
             let _ = run_ok("umount", &["-l", self.0.to_str().expect("utf-8")]);
         }
-    }
-}
-
-fn config(node: &str, socket: &Path, device: &Path) -> DaemonConfig {
-    DaemonConfig {
-        node_name: node.into(),
-        socket: socket.to_path_buf(),
-        listen: None,
-        volumes: vec![VolumeSpec {
-            name: "pg".into(),
-            device: device.to_path_buf(),
-        }],
-        watchdog: None,
-        watchdog_timeout: None,
-        session_timeout: Duration::from_millis(1_000),
-        stop_timeout: Duration::from_secs(3),
-        handover_hold_off: Duration::from_secs(2),
-        params: PARAMS,
-        devices: Default::default(),
     }
 }
 
@@ -159,11 +133,11 @@ impl Pair {
     }
 
     fn config_a(&self) -> DaemonConfig {
-        config("node-a", &self.sa, &self.la.0)
+        test_config("node-a", &self.sa, &self.la.0)
     }
 
     async fn start_b(&self) -> Daemon {
-        Daemon::start(config("node-b", &self.sb, &self.lb.0))
+        Daemon::start(test_config("node-b", &self.sb, &self.lb.0))
             .await
             .expect("daemon b")
     }
@@ -460,10 +434,10 @@ async fn a_lost_lease_is_fenced_before_the_peer_takes_over() {
     );
     format_for_two(pa.device());
     let (sa, sb) = (scratch.path().join("a.sock"), scratch.path().join("b.sock"));
-    let a = Daemon::start(config("node-a", &sa, pa.device()))
+    let a = Daemon::start(test_config("node-a", &sa, pa.device()))
         .await
         .expect("daemon a");
-    let b = Daemon::start(config("node-b", &sb, pb.device()))
+    let b = Daemon::start(test_config("node-b", &sb, pb.device()))
         .await
         .expect("daemon b");
     let mut events_a = a.subscribe("pg").unwrap();

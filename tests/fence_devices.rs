@@ -13,7 +13,9 @@
 
 mod common;
 
-use common::daemon_kit::{assert_unchanged_after, device_digest, Loop, LATE_WRITE_WINDOW};
+use common::daemon_kit::{
+    assert_unchanged_after, debugfs_cat, device_digest, Loop, LATE_WRITE_WINDOW,
+};
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader};
@@ -93,15 +95,6 @@ fn read_device(device: &Path) -> Vec<u8> {
         all.extend_from_slice(buf.as_slice());
     }
     all
-}
-
-/// `debugfs -D` (O_DIRECT) `cat` of `file` on `device`.
-fn debugfs_cat(device: &Path, file: &str) -> String {
-    let cmd = format!("cat {file}");
-    let device = device.to_str().expect("UTF-8");
-    run_ok("debugfs", &["-D", "-R", &cmd, device])
-        .expect("debugfs cat")
-        .stdout
 }
 
 #[test]

@@ -14,10 +14,9 @@
 mod common;
 
 use blockfence::api::VolumeEventKind;
-use blockfence::daemon::config::{DaemonConfig, ParamOverrides, VolumeSpec};
 use blockfence::daemon::Daemon;
-use common::daemon_kit::{format_for_two, next_event, Loop, BIN};
-use common::{is_mountpoint, require_root_loop, run_ok, Scratch};
+use common::daemon_kit::{debugfs_cat, format_for_two, next_event, test_config, Loop, BIN};
+use common::{is_mountpoint, require_root_loop, Scratch};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -27,33 +26,6 @@ const IMAGE_SIZE: u64 = 64 << 20;
 
 /// CAP_SYS_ADMIN's bit in CapEff.
 const CAP_SYS_ADMIN: u32 = 21;
-
-/// Short parameters (as tests/daemon.rs): host_dead 1.8 s.
-const PARAMS: ParamOverrides = ParamOverrides {
-    io_timeout_ms: Some(200),
-    renew_interval_ms: Some(200),
-    lease_timeout_ms: Some(1_000),
-    fence_timeout_ms: Some(500),
-};
-
-fn config(socket: &Path, device: &Path) -> DaemonConfig {
-    DaemonConfig {
-        node_name: "node-a".into(),
-        socket: socket.to_path_buf(),
-        listen: None,
-        volumes: vec![VolumeSpec {
-            name: "pg".into(),
-            device: device.to_path_buf(),
-        }],
-        watchdog: None,
-        watchdog_timeout: None,
-        session_timeout: Duration::from_millis(1_000),
-        stop_timeout: Duration::from_secs(3),
-        handover_hold_off: Duration::from_secs(2),
-        params: PARAMS,
-        devices: Default::default(),
-    }
-}
 
 /// The daemon's node: an image, a loop device for the daemon and one to
 /// read the disk with.
@@ -219,16 +191,6 @@ fn mounted_anywhere(dir: &Path) -> Vec<u32> {
     out
 }
 
-fn debugfs_cat(device: &Path, file: &str) -> String {
-    let cmd = format!("cat {file}");
-    run_ok(
-        "debugfs",
-        &["-D", "-R", &cmd, device.to_str().expect("UTF-8")],
-    )
-    .expect("debugfs cat")
-    .stdout
-}
-
 fn tools_present() -> bool {
     let ok = ["unshare", "setpriv", "debugfs"]
         .iter()
@@ -272,7 +234,7 @@ async fn an_unprivileged_pod_gets_the_volume_mounted_in_its_namespace_and_releas
         return;
     }
     let node = Node::new("pod-mount");
-    let daemon = Daemon::start(config(&node.socket, &node.dev.0))
+    let daemon = Daemon::start(test_config("node-a", &node.socket, &node.dev.0))
         .await
         .expect("daemon");
     let mut events = daemon.subscribe("pg").unwrap();
@@ -308,7 +270,7 @@ async fn a_killed_pod_wrapper_is_fenced_by_the_daemon_in_the_pods_namespace() {
         return;
     }
     let node = Node::new("pod-mount-killed");
-    let daemon = Daemon::start(config(&node.socket, &node.dev.0))
+    let daemon = Daemon::start(test_config("node-a", &node.socket, &node.dev.0))
         .await
         .expect("daemon");
     let mut events = daemon.subscribe("pg").unwrap();

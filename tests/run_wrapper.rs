@@ -16,7 +16,7 @@
 
 mod common;
 
-use common::daemon_kit::{assert_unchanged_after, device_digest, Loop};
+use common::daemon_kit::{assert_unchanged_after, debugfs_cat, device_digest, Loop};
 
 use blockfence::api::{StopReason, VolumeState};
 use common::api_server::TestApi;
@@ -80,17 +80,6 @@ fn api_for(device: &Path) -> TestApi {
         k.devices.insert("pg".into(), device);
     });
     api
-}
-
-/// `debugfs -D` (O_DIRECT) `cat` of `file` on `device`.
-fn debugfs_cat(device: &Path, file: &str) -> String {
-    let cmd = format!("cat {file}");
-    run_ok(
-        "debugfs",
-        &["-D", "-R", &cmd, device.to_str().expect("UTF-8")],
-    )
-    .expect("debugfs cat")
-    .stdout
 }
 
 /// A wrapper running in its own mount namespace.

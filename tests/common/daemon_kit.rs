@@ -4,6 +4,7 @@
 
 use super::{run_ok, AlignedBuf};
 use blockfence::api::{VolumeEvent, VolumeEventKind};
+use blockfence::daemon::config::{DaemonConfig, ParamOverrides, VolumeSpec};
 use serde_json::Value;
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
@@ -144,4 +145,45 @@ pub fn assert_unchanged_after(device: &Path, size: u64, digest: &[u32]) {
         changed.is_empty(),
         "MiB {changed:?} changed after the fence"
     );
+}
+
+/// `debugfs -D` (O_DIRECT) `cat` of `file` on `device`.
+pub fn debugfs_cat(device: &Path, file: &str) -> String {
+    let cmd = format!("cat {file}");
+    run_ok(
+        "debugfs",
+        &["-D", "-R", &cmd, device.to_str().expect("UTF-8")],
+    )
+    .expect("debugfs cat")
+    .stdout
+}
+
+/// Short lease parameters for daemon tests: host_dead = (1000 + 500 + 200)
+/// x 1.01/0.99 -> 1.8 s.
+pub const SHORT_PARAMS: ParamOverrides = ParamOverrides {
+    io_timeout_ms: Some(200),
+    renew_interval_ms: Some(200),
+    lease_timeout_ms: Some(1_000),
+    fence_timeout_ms: Some(500),
+};
+
+/// A daemon configuration for tests: node `node`, one volume `pg` on
+/// `device`, [`SHORT_PARAMS`], a 1 s session timeout.
+pub fn test_config(node: &str, socket: &Path, device: &Path) -> DaemonConfig {
+    DaemonConfig {
+        node_name: node.into(),
+        socket: socket.to_path_buf(),
+        listen: None,
+        volumes: vec![VolumeSpec {
+            name: "pg".into(),
+            device: device.to_path_buf(),
+        }],
+        watchdog: None,
+        watchdog_timeout: None,
+        session_timeout: Duration::from_millis(1_000),
+        stop_timeout: Duration::from_secs(3),
+        handover_hold_off: Duration::from_secs(2),
+        params: SHORT_PARAMS,
+        devices: Default::default(),
+    }
 }
