@@ -219,10 +219,29 @@ fn unmount_in_namespace(pid: i32, points: Vec<PathBuf>) -> Result<(), FenceError
     })
 }
 
+/// How long [`prove_unused`] keeps trying: the last reference to a lazily
+/// detached mount, dropped by a killed process at its exit, may be released
+/// by a kernel work item a moment later (`delayed_mntput`), and there is no
+/// event for it.
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Succeeds only if the device can be opened exclusively: no filesystem on it
 /// is mounted (or alive after a lazy detach) anywhere, and no other exclusive
-/// opener holds it.
+/// opener holds it. Tries again every 10 ms for up to [`RELEASE_WAIT`] (the
+/// step's own deadline still bounds it).
 pub fn prove_unused(device: &Path) -> Result<(), FenceError> {
+    let until = std::time::Instant::now() + RELEASE_WAIT;
+    loop {
+        match try_exclusive(device) {
+            Err(FenceError::DeviceBusy { .. }) if std::time::Instant::now() < until => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => return r,
+        }
+    }
+}
+
+fn try_exclusive(device: &Path) -> Result<(), FenceError> {
     match OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
