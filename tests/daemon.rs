@@ -136,6 +136,12 @@ impl Pair {
         test_config("node-a", &self.sa, &self.la.0)
     }
 
+    /// Daemon a, then daemon b.
+    async fn start_both(&self) -> (Daemon, Daemon) {
+        let a = Daemon::start(self.config_a()).await.expect("daemon a");
+        (a, self.start_b().await)
+    }
+
     async fn start_b(&self) -> Daemon {
         Daemon::start(test_config("node-b", &self.sb, &self.lb.0))
             .await
@@ -248,8 +254,7 @@ async fn a_silent_session_is_fenced_writers_killed_and_then_the_lease_released()
     }
     let pair = Pair::new("daemon-silent");
     let (sa, sb) = (pair.sa.clone(), pair.sb.clone());
-    let a = Daemon::start(pair.config_a()).await.expect("daemon a");
-    let b = pair.start_b().await;
+    let (a, b) = pair.start_both().await;
     let mut events_a = a.subscribe("pg").unwrap();
 
     let (status, grant) = acquire_off(&sa, "pg-a", 10.0).await;
@@ -346,8 +351,7 @@ async fn a_namespaced_writer_is_fenced_before_the_lease_is_released(name: &str, 
     }
     let pair = Pair::new(name);
     let (sa, sb) = (pair.sa.clone(), pair.sb.clone());
-    let a = Daemon::start(pair.config_a()).await.expect("daemon a");
-    let b = pair.start_b().await;
+    let (a, b) = pair.start_both().await;
     let mut events_a = a.subscribe("pg").unwrap();
     let (status, grant) = acquire_off(&sa, "pg-a", 10.0).await;
     assert_eq!(status, 200, "{grant}");

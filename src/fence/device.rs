@@ -148,7 +148,6 @@ impl FenceOps for DeviceOps {
 /// Unmounts every mount in `mounts`, grouped by namespace, deepest first.
 fn unmount_all(mounts: &[NsMount]) -> Result<(), FenceError> {
     let mut namespaces: Vec<&PathBuf> = mounts.iter().map(|m| &m.ns).collect();
-    namespaces.dedup();
     namespaces.sort();
     namespaces.dedup();
     let mut result = Ok(());
